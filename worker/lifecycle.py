@@ -80,8 +80,9 @@ class Daemon:
         runtime.restore_maintenance()
         app = build_app(runtime)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
-        await runner.setup()
         try:
+            # setup() also starts the background parts (their listeners included).
+            await runner.setup()
             addresses = await self._listen(runner)
         except OSError as exc:
             _log.error("cannot listen", host=cfg.http.host, port=cfg.http.port, reason=str(exc))
