@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,7 @@ class Daemon:
         _log.info(
             "base-worker started",
             version=__version__,
+            loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
             listening=", ".join(addresses),
             functions=", ".join(runtime.registry.functions),
             slots=cfg.worker.slots,
@@ -248,10 +249,21 @@ def _function_threads_alive() -> bool:
     return any(t.name.startswith("function") and t.is_alive() for t in threading.enumerate())
 
 
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's when it is installed (the `fast` extra), else None for asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def run(cfg: config.Config, path: Path | None, flags: Mapping[str, Any]) -> int:
     """Serve until stopped; returns the exit code."""
     daemon = Daemon(cfg, path, flags, os.environ)
-    code = asyncio.run(daemon.serve())
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        code = runner.run(daemon.serve())
     if _function_threads_alive():
         # A plain `def` still running cannot be killed, and the interpreter would wait for it
         # at exit forever: leave without waiting, the drain already accounted for it.
