@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
+from worker import jsoncodec
 from worker.errors import BadRequest, NotFound
 from worker.functions import Registry
 from worker.params import validate_input
@@ -55,8 +55,8 @@ ENVELOPE = TaskEnvelopeSchema()
 def parse_json(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object, or a 400 saying what it is instead."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        body = jsoncodec.loads(raw)
+    except (UnicodeDecodeError, jsoncodec.DecodeError):
         raise BadRequest("Request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("Request body must be a JSON object")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from worker import __version__, auth, health
+from worker import __version__, auth, health, jsoncodec
 from worker.envelope import parse_json, validate_task
 from worker.errors import (
     NotImplementedMode,
@@ -32,7 +31,7 @@ def json_response(
     body: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
-        text=json.dumps(body), status=status, headers=headers, content_type="application/json"
+        text=jsoncodec.dumps(body), status=status, headers=headers, content_type="application/json"
     )
 
 
@@ -81,7 +80,7 @@ def result_response(result: TaskResult) -> web.Response:
     headers = {"X-Task-Id": result.task_id}
     if result.outcome is Outcome.SUCCEEDED:
         try:
-            text = json.dumps({"success": True, "result": result.value})
+            text = jsoncodec.dumps({"success": True, "result": result.value})
         except (TypeError, ValueError) as exc:
             body = {"success": False, "error": f"Function result is not JSON-serialisable: {exc}"}
             return json_response(body, 500, headers)
