@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate
+from marshmallow import RAISE, Schema, ValidationError, fields, missing, validate
 
 PARAM_TYPES = ("string", "number", "boolean", "object", "array")
 PARAM_KEYS = frozenset({"type", "required", "default", "enum", "pattern", "min", "max"})
@@ -68,16 +68,83 @@ def _field(name: str, spec: Mapping[str, Any]) -> fields.Field:
     return fields.List(fields.Raw(), **options)
 
 
+class InputSchema(Schema):
+    """A function's input schema, with a shortcut for input that is plainly valid."""
+
+    plain: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
+
+
+# What each param type accepts without a second look: exact JSON types, never null.
+_PLAIN_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+}
+
+
+def _plain_loader(
+    built: Mapping[str, fields.Field], params: Mapping[str, Mapping[str, Any]]
+) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
+    """What `schema.load` gives for input it accepts, or None to let the schema decide.
+
+    Runs the same validators as the schema's fields; a wrong type, a null, a missing required
+    param, an unknown key or a failed check returns None, and marshmallow words the error.
+    """
+    plan = [
+        (name, _PLAIN_TYPES[spec["type"]], field.validators, field.load_default, field.required)
+        for (name, spec), field in zip(params.items(), built.values(), strict=True)
+    ]
+    names = frozenset(built)
+
+    def load(data: dict[str, Any]) -> dict[str, Any] | None:
+        if not names.issuperset(data):
+            return None
+        loaded: dict[str, Any] = {}
+        for name, types, validators, default, required in plan:
+            if name in data:
+                value = data[name]
+                if type(value) not in types:
+                    return None
+                if types[0] is dict:
+                    value = dict(value)
+                elif types[0] is list:
+                    if None in value:
+                        return None  # the schema refuses null items
+                    value = list(value)
+                for check in validators:
+                    try:
+                        check(value)
+                    except ValidationError:
+                        return None
+                loaded[name] = value
+            elif default is not missing:
+                loaded[name] = default() if callable(default) else default
+            elif required:
+                return None
+        return loaded
+
+    return load
+
+
 def compile_params(function_name: str, params: Mapping[str, Mapping[str, Any]]) -> Schema:
     """Build the input schema for one function; unknown input keys are rejected."""
     built = {name: _field(name, spec) for name, spec in params.items()}
-    schema_class = Schema.from_dict(built, name=f"{function_name}Input")
-    return schema_class(unknown=RAISE)
+    schema_class = InputSchema.from_dict(built, name=f"{function_name}Input")
+    schema = cast(InputSchema, schema_class(unknown=RAISE))
+    schema.plain = _plain_loader(built, params)
+    return schema
 
 
 def validate_input(schema: Schema, data: Any) -> dict[str, Any]:
     """Load input through its schema; raises marshmallow.ValidationError with per-param messages."""
     if not isinstance(data, dict):
         raise ValidationError({"input": ["Must be an object."]})
+    plain = getattr(schema, "plain", None)
+    if plain is not None:
+        fast: dict[str, Any] | None = plain(data)
+        if fast is not None:
+            return fast
     loaded: dict[str, Any] = schema.load(data)
     return loaded
