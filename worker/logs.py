@@ -16,6 +16,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from worker import jsoncodec
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 LEVELS["error"] = logging.ERROR
 # syslog priorities, which journald reads from a `<N>` prefix
@@ -73,6 +75,36 @@ class _Sink:
         self.buffer.append(line)
 
     debug = info = warning = error = critical = exception = log = msg
+
+
+class _Output:
+    """The structlog 'logger' every bound logger holds: whichever sink `apply` set last."""
+
+    def __init__(self) -> None:
+        self.sink: _Sink | None = None
+
+    def msg(self, line: str) -> None:
+        if self.sink is not None:
+            self.sink.msg(line)
+
+    debug = info = warning = error = critical = exception = log = msg
+
+
+# Bound loggers are cached on first use (assembling one per call costs a few microseconds a
+# task). What a reload changes is changed in place, so cached loggers follow it: the output,
+# the processor list, and the level methods of the one wrapper class they are all made of.
+_OUTPUT = _Output()
+_PROCESSORS: list[Any] = []
+WorkerLogger: type[Any] = type(
+    "WorkerLogger", (structlog.make_filtering_bound_logger(logging.DEBUG),), {}
+)
+
+
+def set_level(level: int) -> None:
+    """Make every bound logger, cached or not, filter at `level`: below it a call is a no-op."""
+    for name, attr in vars(structlog.make_filtering_bound_logger(level)).items():
+        if not name.startswith("__"):
+            setattr(WorkerLogger, name, attr)
 
 
 def journal_stream_is(output: TextIO, environ: Mapping[str, str]) -> bool:
@@ -134,16 +166,19 @@ class Logging:
             structlog.processors.format_exc_info,
         ]
         if self.format == "json":
-            processors.append(structlog.processors.JSONRenderer())
+            processors.append(structlog.processors.JSONRenderer(serializer=jsoncodec.dumps_log))
         elif self.format == "journal":
             processors.append(_journal_prefix(structlog.dev.ConsoleRenderer(colors=False)))
         else:
             processors.append(structlog.dev.ConsoleRenderer(colors=False))
+        _OUTPUT.sink = self.sink
+        _PROCESSORS[:] = processors
+        set_level(LEVELS[level])
         structlog.configure(
-            processors=processors,
-            wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-            logger_factory=lambda *args: self.sink,
-            cache_logger_on_first_use=False,
+            processors=_PROCESSORS,
+            wrapper_class=WorkerLogger,
+            logger_factory=lambda *args: _OUTPUT,
+            cache_logger_on_first_use=True,
         )
         root = logging.getLogger()
         root.handlers = [_StdlibBridge()]

@@ -8,6 +8,7 @@ outcome is still counted and logged. One summary line per task is written here a
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -176,7 +177,7 @@ class Dispatcher:
             fields["attempts"] = result.attempts
         if result.outcome is Outcome.SUCCEEDED:
             log.info("task", **fields)
-            if spec.function.log_result:
+            if spec.function.log_result and log.is_enabled_for(logging.DEBUG):
                 log.debug("task result", result=repr(result.value)[:500])
         elif result.outcome is Outcome.CANCELLED and result.error == CLIENT_GONE:
             log.info("task", **fields, error=result.error)

@@ -1,0 +1,45 @@
+"""Cached loggers follow the level and the output set by the latest `Logging.apply`."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import structlog
+
+from worker.logs import LogBuffer, Logging
+
+_log = structlog.get_logger("tests.levels")
+
+
+def lines(output: io.StringIO) -> list[str]:
+    return [json.loads(line)["event"] for line in output.getvalue().splitlines()]
+
+
+def test_a_reload_changes_the_level_of_cached_loggers() -> None:
+    first = io.StringIO()
+    logging_ = Logging(LogBuffer(10), first)
+    logging_.apply("info", "json", ["s3cret"], {})
+    bound = _log.bind(task_id="t")
+    _log.debug("hidden")
+    bound.info("shown")
+    logging_.apply("debug", "json", ["s3cret"], {})
+    _log.debug("now shown")
+    bound.debug("bound now shown")
+    assert bound.is_enabled_for(10)
+    logging_.apply("warning", "json", ["s3cret"], {})
+    _log.info("hidden again")
+    bound.warning("warned s3cret")
+    assert lines(first) == ["shown", "now shown", "bound now shown", "warned ***"]
+
+
+def test_a_new_pipeline_takes_over_cached_loggers() -> None:
+    old, new = io.StringIO(), io.StringIO()
+    Logging(LogBuffer(10), old).apply("info", "json", [], {})
+    _log.info("to old")
+    buffer = LogBuffer(10)
+    Logging(buffer, new).apply("info", "json", [], {})
+    _log.info("to new")
+    assert lines(old) == ["to old"]
+    assert lines(new) == ["to new"]
+    assert len(buffer.tail()) == 1
