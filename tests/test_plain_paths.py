@@ -7,12 +7,13 @@ to the schema is worded by the schema as before. The common requests must take t
 from __future__ import annotations
 
 import itertools
+import uuid
 from typing import Any
 
 import pytest
 from marshmallow import ValidationError
 
-from worker.envelope import ENVELOPE, plain_envelope
+from worker.envelope import ENVELOPE, new_task_id, plain_envelope
 from worker.params import compile_params, validate_input
 
 VALUES: list[Any] = [None, True, False, 0, 1, -3, 2.5, 2097152, 2097153, "", "hello", [], [1], {}]
@@ -94,3 +95,13 @@ def test_common_input_takes_the_shortcut() -> None:
     with pytest.raises(ValidationError) as refused:
         validate_input(schema, {"name": 3})
     assert refused.value.messages == {"name": ["Not a valid string."]}
+
+
+def test_task_ids_are_version_4_uuids() -> None:
+    ids = {new_task_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for text in list(ids)[:50]:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
