@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
@@ -43,3 +44,29 @@ def test_a_new_pipeline_takes_over_cached_loggers() -> None:
     assert lines(old) == ["to old"]
     assert lines(new) == ["to new"]
     assert len(buffer.tail()) == 1
+
+
+class CountingOutput(io.StringIO):
+    flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+async def test_lines_written_in_one_loop_turn_are_flushed_once() -> None:
+    output = CountingOutput()
+    Logging(LogBuffer(10), output).apply("info", "json", [], {})
+    for n in range(5):
+        _log.info("line", n=n)
+    assert output.flushes == 0
+    await asyncio.sleep(0)
+    assert output.flushes == 1
+    assert lines(output) == ["line"] * 5
+
+
+def test_lines_written_outside_the_loop_are_flushed_at_once() -> None:
+    output = CountingOutput()
+    Logging(LogBuffer(10), output).apply("info", "json", [], {})
+    _log.info("from a thread or at startup")
+    assert output.flushes == 1

@@ -7,6 +7,8 @@ routed through the same pipeline.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -62,6 +64,7 @@ class _Sink:
         self.output = output
         self.buffer = buffer
         self.secrets: tuple[str, ...] = ()
+        self._flush_pending = False
 
     def msg(self, line: str) -> None:
         for secret in self.secrets:
@@ -69,10 +72,29 @@ class _Sink:
                 line = line.replace(secret, MASK)
         try:
             self.output.write(line + "\n")
-            self.output.flush()
         except (OSError, ValueError):
             pass  # a closed stdout must not take the daemon down; /logs still has the line
+        else:
+            self._flush_soon()
         self.buffer.append(line)
+
+    def _flush_soon(self) -> None:
+        """Flush once the event loop has run what is ready (one write for the lines of many
+        tasks under load, not one each); at once outside the loop (threads, startup)."""
+        if self._flush_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._flush()
+            return
+        self._flush_pending = True
+        loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        with contextlib.suppress(OSError, ValueError):
+            self.output.flush()
 
     debug = info = warning = error = critical = exception = log = msg
 
