@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -92,6 +93,10 @@ class Daemon:
         runtime.slots.subscribe(self.notifier.on_slots)
         self._start(self.notifier.watchdog())
         self._log_startup(runtime, addresses)
+        # Everything built so far lives as long as the daemon: keep it out of the collector's
+        # full passes, which otherwise walk it all every few hundred requests (p99 spikes).
+        gc.collect()
+        gc.freeze()
         self.notifier.ready(runtime.slots.state())
         try:
             await self._stop.wait()
