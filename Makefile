@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= config.example.toml
 
-.PHONY: run test lint check clean
+.PHONY: run test lint check clean bench bench-smoke
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required") if sys.version_info < (3, 11) else None'
@@ -26,6 +26,19 @@ lint: $(BIN)/.installed
 
 test: lint
 	$(BIN)/python -m pytest
+
+# Benchmarks (docs/performance.md): base-worker against a bare aiohttp baseline, on loopback
+# only. They need wrk (Debian package) and install the `fast` extra (uvloop, orjson).
+$(BIN)/.installed-fast: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test,fast]'
+	touch $@
+
+bench: $(BIN)/.installed-fast
+	$(BIN)/python -m bench.run
+
+# Every scenario at tiny sizes, under a minute: keeps the harness from rotting; asserts no timing.
+bench-smoke: $(BIN)/.installed-fast
+	$(BIN)/python -m bench.run --smoke
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

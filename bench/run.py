@@ -1,0 +1,870 @@
+"""base-worker against the bare-aiohttp baseline, side by side in one run.
+
+    python -m bench.run            # the full run (about 5 minutes); `make bench`
+    python -m bench.run --smoke    # every scenario, tiny sizes (under a minute); `make bench-smoke`
+    python -m bench.run --only a,f # some scenarios
+
+Every server listens on 127.0.0.1 only and every load loop is bounded in count and time. Prints
+one table (absolute figures, the ratio to the baseline, the target) and writes the raw results
+to bench/results/. See docs/performance.md for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+AUTH_KEY = "bench-key"
+AUTH = {"Authorization": AUTH_KEY}
+HOST = "127.0.0.1"
+HELLO = {"function": "hello", "input": {"name": "Andera"}, "contract": 1}
+HELLO_ANSWER = {"success": True, "result": {"message": "Hello Andera!"}}
+CHUNK_BYTES = 65536
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICKS = os.sysconf("SC_CLK_TCK")
+WORKER_SOURCE = ROOT  # --worker-source: measure another checkout's `worker` package instead
+
+
+@dataclass
+class Sizes:
+    """How big each scenario is; `--smoke` shrinks everything to exercise the code paths only."""
+
+    duration: float = 8.0  # (a) seconds per wrk run
+    rounds: int = 3  # (a), (b) A/B rounds
+    connections: tuple[int, ...] = (1, 16, 64, 256)
+    saturation_seconds: float = 8.0  # (b)
+    saturation_connections: int = 512
+    service_time: float = 0.01  # (b) seconds each task holds its slot
+    stream_requests: int = 10  # (c)
+    stream_chunks: int = 256  # (c) 16 MiB per request
+    webhook_tasks: int = 2000  # (d)
+    queued_tasks: int = 10000  # (e)
+    hold_seconds: float = 12.0  # (e) how long the slots stay busy while the queue fills
+    starts: int = 5  # (f)
+    idle_seconds: float = 10.0  # (g)
+
+
+SMOKE = Sizes(
+    duration=1.0,
+    rounds=1,
+    saturation_seconds=1.0,
+    saturation_connections=64,
+    stream_requests=2,
+    stream_chunks=16,
+    webhook_tasks=50,
+    queued_tasks=300,
+    hold_seconds=3.0,
+    starts=1,
+    idle_seconds=1.0,
+)
+
+
+class Skipped(Exception):
+    """A scenario the server under test cannot run (e.g. a mode answering 501)."""
+
+
+class BenchError(Exception):
+    """The harness or a server misbehaved: a wrong answer, an error, a lost request."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def percentile(values: list[float], pct: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+# --- servers -----------------------------------------------------------------------------------
+
+
+class Server:
+    """One server process (`worker` or `baseline`) with its own NOTIFY_SOCKET and log file."""
+
+    def __init__(self, kind: str, tmp: Path, slots: int, max_queue: int = 10000) -> None:
+        self.kind = kind
+        self.tmp = tmp
+        self.slots = slots
+        self.max_queue = max_queue
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.loop = "asyncio"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_after = 0.0
+        self.log_path = tmp / f"{kind}-{self.port}.log"
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify_path = str(tmp / f"notify-{self.port}.sock")
+        self._notify.bind(self._notify_path)
+        self.messages: list[str] = []
+        self._ready = threading.Event()
+        self._ready_at = 0.0
+        self._closed = False
+        self._reader = threading.Thread(target=self._read_notify, daemon=True)
+        self._reader.start()
+
+    def command(self, loop: str) -> list[str]:
+        if self.kind == "baseline":
+            script = str(BENCH / "baseline.py")
+            options = f"--port {self.port} --auth-key {AUTH_KEY} --slots {self.slots} --loop {loop}"
+            return [sys.executable, script, *options.split()]
+        config = self.tmp / f"worker-{self.port}.toml"
+        config.write_text(
+            "[worker]\n"
+            f"slots = {self.slots}\nmax_queue = {self.max_queue}\n"
+            f'functions = ["worker.examples", "{BENCH / "functions.py"}"]\n'
+            f'[http]\nhost = "{HOST}"\nport = {self.port}\n'
+            f'[auth]\nauth_key = "{AUTH_KEY}"\n'
+            "[load_balancer]\nwebsocket_port = 0\n"
+            '[logging]\nlevel = "info"\nformat = "json"\n'
+        )
+        return [sys.executable, "-m", "worker", "--config", str(config)]
+
+    def start(self, loop: str = "asyncio", env: dict[str, str] | None = None) -> float:
+        """Start and wait for READY=1; returns the seconds from exec to READY=1."""
+        environ = {**os.environ, "NOTIFY_SOCKET": self._notify_path, **(env or {})}
+        environ.pop("WATCHDOG_PID", None)
+        self.messages = []
+        self._ready.clear()
+        with self.log_path.open("wb") as log:
+            began = time.perf_counter()
+            self.proc = subprocess.Popen(
+                self.command(loop),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=environ,
+                cwd=WORKER_SOURCE if self.kind == "worker" else ROOT,
+            )
+        if not self._ready.wait(15):
+            self.stop()
+            raise BenchError(f"{self.kind} sent no READY=1 within 15 s: {self.log_tail()}")
+        self.ready_after = self._ready_at - began
+        self.loop = loop if self.kind == "baseline" else self._worker_loop()
+        return self.ready_after
+
+    def _read_notify(self) -> None:
+        """Read every sd_notify datagram as systemd would: a reader that falls behind would
+        fill the socket and stall the sender."""
+        self._notify.settimeout(0.2)
+        while not self._closed:
+            try:
+                data = self._notify.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if b"READY=1" in data and not self._ready.is_set():
+                self._ready_at = time.perf_counter()
+                self._ready.set()
+            self.messages.append(data.decode(errors="replace"))
+
+    def _worker_loop(self) -> str:
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if entry.get("event") == "base-worker started":
+                    return str(entry.get("loop", "asyncio"))
+        return "asyncio"
+
+    def rss(self) -> int:
+        """Resident set size in bytes."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/statm") as statm:
+            return int(statm.read().split()[1]) * PAGE
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time used so far."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def log_tail(self, lines: int = 5) -> str:
+        return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def task_lines(self) -> int:
+        """How many per-task summary lines the worker wrote (it must write one per task)."""
+        count = 0
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if '"event": "task"' in line or '"event":"task"' in line:
+                count += 1
+        return count
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        self._closed = True
+        self._reader.join()
+        self._notify.close()
+
+
+@contextlib.contextmanager
+def running(
+    tmp: Path, kind: str, slots: int, loop: str, max_queue: int = 10000
+) -> Iterator[Server]:
+    server = Server(kind, tmp, slots, max_queue)
+    try:
+        server.start(loop)
+        yield server
+    finally:
+        server.close()
+
+
+# --- load generators ---------------------------------------------------------------------------
+
+
+def wrk(url: str, body: dict[str, Any], connections: int, seconds: float) -> dict[str, Any]:
+    """One bounded wrk run (one thread: the other core is the server's); its JSON summary."""
+    env = {**os.environ, "BENCH_BODY": json.dumps(body), "BENCH_AUTH": AUTH_KEY}
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s"]
+    command += ["-s", str(BENCH / "post.lua"), f"{url}/task"]
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=seconds + 60, check=False
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            result: dict[str, Any] = json.loads(line.removeprefix("BENCH_JSON "))
+            if not result["requests"]:
+                raise BenchError(f"no request answered in {seconds:g} s: {result}")
+            result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+            result["errors"] = (
+                sum(
+                    result[k]
+                    for k in ("connect_errors", "read_errors", "write_errors", "status_errors")
+                )
+                + result["timeouts"]
+            )
+            return result
+    raise BenchError(f"wrk printed no summary: {done.stdout[-500:]} {done.stderr[-500:]}")
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, Any]:
+    async with session.post(f"{url}/task", json=body, headers=AUTH) as response:
+        data = await response.read()
+        try:
+            return response.status, json.loads(data)
+        except ValueError:
+            return response.status, data
+
+
+async def check_answer(url: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        status, answer = await post(session, url, HELLO)
+    if status != 200 or answer != HELLO_ANSWER:
+        raise BenchError(f"{url} answered {status} {answer!r} to hello")
+
+
+def connector(limit: int) -> aiohttp.TCPConnector:
+    return aiohttp.TCPConnector(limit=limit, force_close=False, keepalive_timeout=60)
+
+
+# --- scenarios ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    tmp: Path
+    sizes: Sizes
+    loop: str = "asyncio"
+    rows: list[list[Any]] = field(default_factory=list)
+
+    def row(
+        self, scenario: str, metric: str, worker: Any, baseline: Any = None, target: str = ""
+    ) -> None:
+        self.rows.append([scenario, metric, worker, baseline, target])
+
+
+def ab_order(rounds: int) -> list[str]:
+    return ["worker", "baseline"] * rounds
+
+
+async def scenario_a(ctx: Context) -> dict[str, Any]:
+    """Sync `hello`, slots 100, wrk at 1/16/64/256 connections, A/B/A/B."""
+    sizes = ctx.sizes
+    raw: dict[str, Any] = {}
+    with (
+        running(ctx.tmp, "worker", 100, ctx.loop) as worker,
+        running(ctx.tmp, "baseline", 100, ctx.loop) as baseline,
+    ):
+        servers = {"worker": worker, "baseline": baseline}
+        for server in servers.values():
+            await check_answer(server.url)
+            wrk(server.url, HELLO, 64, min(2.0, sizes.duration))  # warm-up, not recorded
+        before = worker.task_lines()
+        requests = 0
+        for connections in sizes.connections:
+            runs: dict[str, list[dict[str, Any]]] = {"worker": [], "baseline": []}
+            for kind in ab_order(sizes.rounds):
+                cpu = servers[kind].cpu_seconds()
+                result = wrk(servers[kind].url, HELLO, connections, sizes.duration)
+                # CPU time per answered request: robust to a noisy machine, unlike req/s.
+                used = servers[kind].cpu_seconds() - cpu
+                result["cpu_us_per_request"] = used / result["requests"] * 1e6
+                if result["errors"]:
+                    raise BenchError(f"(a) {kind} at {connections} connections: {result}")
+                runs[kind].append(result)
+                if kind == "worker":
+                    requests += result["requests"]
+            raw[str(connections)] = runs
+            summary = {
+                kind: {
+                    "rps": statistics.median(r["rps"] for r in results),
+                    "p50_ms": statistics.median(r["p50_us"] for r in results) / 1000,
+                    "p99_ms": statistics.median(r["p99_us"] for r in results) / 1000,
+                    "cpu_us": statistics.median(r["cpu_us_per_request"] for r in results),
+                }
+                for kind, results in runs.items()
+            }
+            raw[str(connections)]["median"] = summary
+            w, b = summary["worker"], summary["baseline"]
+            at64 = connections == 64
+            ctx.row("a", f"c={connections} req/s", w["rps"], b["rps"], ">= 0.75" if at64 else "")
+            ctx.row("a", f"c={connections} p50 ms", w["p50_ms"], b["p50_ms"])
+            ctx.row("a", f"c={connections} CPU us/request", w["cpu_us"], b["cpu_us"])
+            ctx.row(
+                "a", f"c={connections} p99 ms", w["p99_ms"], b["p99_ms"], "<= 1.5" if at64 else ""
+            )
+        await asyncio.sleep(0.2)
+        raw["summary_lines"] = worker.task_lines() - before
+        raw["wrk_worker_requests"] = requests
+    # wrk counts answered requests only; the worker may log a few more that wrk cut off.
+    if raw["summary_lines"] < requests:
+        raise BenchError(f"(a) {requests} answered but only {raw['summary_lines']} log lines")
+    return raw
+
+
+async def saturate(url: str, sizes: Sizes) -> dict[str, Any]:
+    """`saturation_connections` clients, each posting 10 ms tasks back to back, for a while."""
+    body = {"function": "sleeper", "input": {"seconds": sizes.service_time}, "contract": 1}
+    records: list[tuple[float, float, int]] = []  # sent, answered, start order
+    errors: list[str] = []
+    sent = 0
+    deadline = time.perf_counter() + sizes.saturation_seconds
+    async with aiohttp.ClientSession(connector=connector(sizes.saturation_connections)) as session:
+
+        async def client() -> None:
+            nonlocal sent
+            while time.perf_counter() < deadline:
+                began = time.perf_counter()
+                sent += 1
+                try:
+                    status, answer = await post(session, url, body)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    errors.append(repr(exc))
+                    continue
+                if status != 200:
+                    errors.append(f"{status} {answer!r}"[:200])
+                    continue
+                records.append((began, time.perf_counter(), answer["result"]["started"]))
+
+        async with asyncio.timeout(sizes.saturation_seconds + 60):
+            await asyncio.gather(*(client() for _ in range(sizes.saturation_connections)))
+    began = min(r[0] for r in records)
+    ended = max(r[1] for r in records)
+    latencies = [r[1] - r[0] for r in records]
+    # FIFO: rank by send time against rank by start order; a fair queue keeps them close.
+    by_sent = sorted(range(len(records)), key=lambda i: records[i][0])
+    start_rank = {i: rank for rank, i in enumerate(sorted(by_sent, key=lambda i: records[i][2]))}
+    displacement = [abs(start_rank[i] - rank) for rank, i in enumerate(by_sent)]
+    return {
+        "sent": sent,
+        "answered": len(records),
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "lost": sent - len(records) - len(errors),
+        "rps": len(records) / (ended - began),
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "max_ms": max(latencies) * 1000,
+        "fifo_displacement_p99": percentile([float(d) for d in displacement], 99),
+        "fifo_displacement_max": max(displacement),
+    }
+
+
+async def scenario_b(ctx: Context) -> dict[str, Any]:
+    """Saturation: slots 10, 512 connections of 10 ms tasks; the queue absorbs the excess."""
+    sizes = ctx.sizes
+    slots = 10
+    raw: dict[str, Any] = {"worker": [], "baseline": []}
+    with (
+        running(ctx.tmp, "worker", slots, ctx.loop) as worker,
+        running(ctx.tmp, "baseline", slots, ctx.loop) as baseline,
+    ):
+        servers = {"worker": worker, "baseline": baseline}
+        for kind in ab_order(sizes.rounds):
+            raw[kind].append(await saturate(servers[kind].url, sizes))
+    w = {
+        k: statistics.median(r[k] for r in raw["worker"])
+        for k in raw["worker"][0]
+        if k != "error_samples"
+    }
+    b = {
+        k: statistics.median(r[k] for r in raw["baseline"])
+        for k in raw["baseline"][0]
+        if k != "error_samples"
+    }
+    # With every slot busy, a task waits for the queue ahead of it: connections / slots services.
+    expected_ms = sizes.saturation_connections / slots * sizes.service_time * 1000
+    raw["expected_wait_ms"] = expected_ms
+    errors = sum(r["errors"] + r["lost"] for r in raw["worker"])
+    ctx.row(
+        "b", "errors + lost", errors, sum(r["errors"] + r["lost"] for r in raw["baseline"]), "0"
+    )
+    ctx.row("b", "req/s", w["rps"], b["rps"])
+    ctx.row("b", "p50 ms", w["p50_ms"], b["p50_ms"])
+    ctx.row("b", f"p99 ms (queue depth says {expected_ms:.0f})", w["p99_ms"], b["p99_ms"])
+    ctx.row("b", "max ms", w["max_ms"], b["max_ms"])
+    ctx.row("b", "FIFO displacement p99", w["fifo_displacement_p99"], b["fifo_displacement_p99"])
+    if errors:
+        raise BenchError(f"(b) worker errors: {raw['worker'][0]['error_samples']}")
+    return raw
+
+
+async def stream_once(url: str, chunks: int) -> tuple[float, float, int]:
+    """One stream request: (first-chunk seconds, total seconds, bytes)."""
+    body = {"function": "chunks", "input": {"count": chunks}, "contract": 1, "mode": "stream"}
+    async with aiohttp.ClientSession() as session:
+        began = time.perf_counter()
+        async with session.post(f"{url}/task", json=body, headers=AUTH) as response:
+            if response.status == 501:
+                raise Skipped("mode not available")
+            if response.status != 200:
+                raise BenchError(f"stream answered {response.status}: {await response.text()}")
+            first = None
+            size = 0
+            async for data in response.content.iter_any():
+                if first is None:
+                    first = time.perf_counter() - began
+                size += len(data)
+        total = time.perf_counter() - began
+    return first or total, total, size
+
+
+async def scenario_c(ctx: Context) -> dict[str, Any]:
+    """Stream: first-chunk latency and MB/s of a function yielding 64 KiB chunks."""
+    sizes = ctx.sizes
+    raw: dict[str, Any] = {"worker": [], "baseline": []}
+    with (
+        running(ctx.tmp, "worker", 10, ctx.loop) as worker,
+        running(ctx.tmp, "baseline", 10, ctx.loop) as baseline,
+    ):
+        servers = {"worker": worker, "baseline": baseline}
+        for kind in ab_order(sizes.stream_requests):
+            first, total, size = await stream_once(servers[kind].url, sizes.stream_chunks)
+            if size != sizes.stream_chunks * CHUNK_BYTES:
+                raise BenchError(f"(c) {kind} streamed {size} bytes")
+            raw[kind].append({"first_chunk_s": first, "total_s": total, "bytes": size})
+    summary = {
+        kind: {
+            "first_ms": statistics.median(r["first_chunk_s"] for r in runs) * 1000,
+            "mb_s": statistics.median(r["bytes"] / r["total_s"] for r in runs) / 1e6,
+        }
+        for kind, runs in raw.items()
+    }
+    ctx.row("c", "first chunk ms", summary["worker"]["first_ms"], summary["baseline"]["first_ms"])
+    ctx.row("c", "MB/s", summary["worker"]["mb_s"], summary["baseline"]["mb_s"])
+    return raw
+
+
+class Receiver:
+    """A local webhook receiver: counts deliveries and when the last one came."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.last = 0.0
+        self.expected = 0
+        self.all_in = asyncio.Event()
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}/hook"
+
+    async def hook(self, request: web.Request) -> web.Response:
+        self.bodies.append(await request.json())
+        self.last = time.perf_counter()
+        if len(self.bodies) >= self.expected:
+            self.all_in.set()
+        return web.Response(text="ok")
+
+    async def reached(self, count: int) -> None:
+        self.expected = count
+        if len(self.bodies) < count:
+            self.all_in.clear()
+            await self.all_in.wait()
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> Any:
+        app = web.Application()
+        app.router.add_post("/hook", self.hook)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, HOST, self.port).start()
+        try:
+            yield self
+        finally:
+            await runner.cleanup()
+
+
+async def webhooks(url: str, count: int) -> dict[str, Any]:
+    receiver = Receiver()
+    body = {"function": "noop", "contract": 1, "mode": "webhook", "webhook": {"url": receiver.url}}
+    async with receiver.serving(), aiohttp.ClientSession(connector=connector(64)) as session:
+        status, _ = await post(session, url, body)
+        if status == 501:
+            raise Skipped("mode not available")
+        await receiver.reached(1)
+        receiver.bodies.clear()
+        receiver.expected = count + 1
+        pending = iter(range(count))
+        accepted = 0
+        began = time.perf_counter()
+
+        async def client() -> None:
+            nonlocal accepted
+            for _ in pending:
+                status, answer = await post(session, url, body)
+                if status != 202:
+                    raise BenchError(f"(d) webhook answered {status} {answer!r}")
+                accepted += 1
+
+        async with asyncio.timeout(120):
+            await asyncio.gather(*(client() for _ in range(64)))
+            accepted_at = time.perf_counter()
+            await receiver.reached(count)
+    first = receiver.bodies[0]
+    if not {"task_id", "function", "success", "result"} <= set(first):
+        raise BenchError(f"(d) delivery body lacks fields: {first!r}")
+    return {
+        "tasks": count,
+        "accepted": accepted,
+        "delivered": len(receiver.bodies),
+        "accepted_per_s": accepted / (accepted_at - began),
+        "delivered_per_s": len(receiver.bodies) / (receiver.last - began),
+    }
+
+
+async def scenario_d(ctx: Context) -> dict[str, Any]:
+    """Webhook: accepted/s and delivered/s of no-op tasks to a local receiver."""
+    raw: dict[str, Any] = {"worker": [], "baseline": []}
+    with (
+        running(ctx.tmp, "worker", 100, ctx.loop) as worker,
+        running(ctx.tmp, "baseline", 100, ctx.loop) as baseline,
+    ):
+        servers = {"worker": worker, "baseline": baseline}
+        for kind in ab_order(1):
+            raw[kind].append(await webhooks(servers[kind].url, ctx.sizes.webhook_tasks))
+    w, b = raw["worker"][0], raw["baseline"][0]
+    ctx.row("d", "accepted/s", w["accepted_per_s"], b["accepted_per_s"])
+    ctx.row("d", "delivered/s", w["delivered_per_s"], b["delivered_per_s"])
+    return raw
+
+
+async def health_slots(session: aiohttp.ClientSession, url: str) -> dict[str, int]:
+    async with session.get(f"{url}/health", headers=AUTH) as response:
+        slots: dict[str, int] = (await response.json())["slots"]
+        return slots
+
+
+async def warm_connections(session: aiohttp.ClientSession, url: str, count: int) -> None:
+    """Open `count` keep-alive connections, as a load balancer holds them."""
+
+    async def one() -> None:
+        async with session.get(f"{url}/health") as response:
+            await response.read()
+
+    await asyncio.gather(*(one() for _ in range(count)))
+
+
+async def queue_run(server: Server, count: int, hold: float | None) -> dict[str, Any]:
+    """Fire `count` no-op tasks at once, optionally behind `hold` seconds of busy slots."""
+    noop = {"function": "noop", "contract": 1}
+    sleeper = {"function": "sleeper", "input": {"seconds": hold}, "contract": 1}
+    limit = count + server.slots + 10
+    result: dict[str, Any] = {}
+    async with (
+        aiohttp.ClientSession(connector=connector(limit)) as session,
+        aiohttp.ClientSession() as probe,
+        asyncio.timeout(180),
+    ):
+        await warm_connections(session, server.url, count + server.slots)
+        await asyncio.sleep(0.5)
+        result["rss_connected"] = server.rss()
+        holds: list[asyncio.Task[tuple[int, Any]]] = []
+        released: list[float] = []
+        if hold is not None:
+            for _ in range(server.slots):
+                holds.append(asyncio.create_task(post(session, server.url, sleeper)))
+            holds[0].add_done_callback(lambda _: released.append(time.perf_counter()))
+            # Polling another process's /health: there is no event to wait on.
+            while (await health_slots(probe, server.url))["used"] < server.slots:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        fired = time.perf_counter()
+        tasks = [asyncio.create_task(post(session, server.url, noop)) for _ in range(count)]
+        queued_at = None
+        if hold is not None:
+            while (await health_slots(probe, server.url))["queue"] < count and not released:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            queued_at = time.perf_counter()
+            result["rss_queued"] = server.rss()
+            result["queued_before_release"] = not released
+        answers = await asyncio.gather(*tasks)
+        last = time.perf_counter()
+        if holds:
+            await asyncio.gather(*holds)
+    bad = [a for a in answers if a[0] != 200]
+    if bad:
+        raise BenchError(f"(e) {len(bad)} of {count} no-op tasks failed, e.g. {bad[0]!r}")
+    result["total_s"] = last - fired
+    if queued_at is not None:
+        release = released[0]
+        result["fill_s"] = queued_at - fired
+        result["drain_after_release_s"] = last - release
+        # The time spent working on the tasks: everything but the wait for the held slots.
+        result["work_s"] = result["total_s"] - max(0.0, release - queued_at)
+    return result
+
+
+async def scenario_e(ctx: Context) -> dict[str, Any]:
+    """10,000 tasks queued at once behind busy slots: RSS per queued task, time to drain."""
+    count = ctx.sizes.queued_tasks
+    with running(ctx.tmp, "worker", 10, ctx.loop, max_queue=count + 100) as worker:
+        rss_idle = worker.rss()
+        queued = await queue_run(worker, count, ctx.sizes.hold_seconds)
+    with running(ctx.tmp, "worker", count + 10, ctx.loop, max_queue=count + 100) as worker:
+        direct = await queue_run(worker, count, None)
+    per_task = (queued["rss_queued"] - queued["rss_connected"]) / count
+    with_connection = (queued["rss_queued"] - rss_idle) / count
+    ratio = queued["work_s"] / direct["total_s"]
+    raw = {
+        "tasks": count,
+        "rss_idle": rss_idle,
+        "queued": queued,
+        "direct": direct,
+        "rss_per_queued_task": per_task,
+        "rss_per_queued_task_with_connection": with_connection,
+        "drain_ratio": ratio,
+    }
+    ctx.row("e", "RSS KiB per queued task", per_task / 1024, None, "<= 8")
+    ctx.row("e", "  same, counting its connection", with_connection / 1024)
+    ctx.row("e", f"s to run {count} queued behind 10 slots", queued["work_s"])
+    ctx.row("e", f"s to run {count} with {count} slots", direct["total_s"])
+    ctx.row("e", "queued / direct", ratio, None, "<= 1.5")
+    if not queued["queued_before_release"]:
+        raise BenchError("(e) the slots were released before the queue was full: raise hold")
+    return raw
+
+
+async def scenario_f(ctx: Context) -> dict[str, Any]:
+    """Start to READY=1, and RSS once idle."""
+    raw: dict[str, Any] = {"worker": [], "baseline": []}
+    for kind in ab_order(ctx.sizes.starts):
+        server = Server(kind, ctx.tmp, 10)
+        try:
+            ready = server.start(ctx.loop)
+            await check_answer(server.url)
+            await asyncio.sleep(0.5)
+            raw[kind].append({"ready_s": ready, "rss": server.rss()})
+        finally:
+            server.close()
+    w = {k: statistics.median(r[k] for r in raw["worker"]) for k in ("ready_s", "rss")}
+    b = {k: statistics.median(r[k] for r in raw["baseline"]) for k in ("ready_s", "rss")}
+    ctx.row("f", "exec to READY=1 s", w["ready_s"], b["ready_s"], "<= 1 s")
+    ctx.row("f", "idle RSS MiB", w["rss"] / 2**20, b["rss"] / 2**20, "<= 60 MiB")
+    return raw
+
+
+async def scenario_g(ctx: Context) -> dict[str, Any]:
+    """Idle CPU over a while, with the systemd watchdog on (a ping every second)."""
+    raw: dict[str, Any] = {}
+    for kind in ("worker", "baseline"):
+        server = Server(kind, ctx.tmp, 10)
+        try:
+            server.start(ctx.loop, env={"WATCHDOG_USEC": "2000000"})
+            await asyncio.sleep(0.5)
+            before = server.cpu_seconds()
+            await asyncio.sleep(ctx.sizes.idle_seconds)
+            used = server.cpu_seconds() - before
+            raw[kind] = {"cpu_s": used, "cpu_percent": used / ctx.sizes.idle_seconds * 100}
+        finally:
+            server.close()
+    ctx.row(
+        "g",
+        f"idle CPU % over {ctx.sizes.idle_seconds:g} s",
+        raw["worker"]["cpu_percent"],
+        raw["baseline"]["cpu_percent"],
+        "< 1 %",
+    )
+    return raw
+
+
+SCENARIOS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
+    "a": scenario_a,
+    "b": scenario_b,
+    "c": scenario_c,
+    "d": scenario_d,
+    "e": scenario_e,
+    "f": scenario_f,
+    "g": scenario_g,
+}
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.3g}" if value < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def table(rows: list[list[Any]]) -> str:
+    header = ["", "metric", "base-worker", "baseline", "ratio", "target"]
+    lines = [header]
+    for scenario, metric, worker, baseline, target in rows:
+        ratio = ""
+        if isinstance(worker, int | float) and isinstance(baseline, int | float) and baseline:
+            ratio = f"{worker / baseline:.2f}"
+        lines.append([scenario, metric, fmt(worker), fmt(baseline), ratio, target])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for n, line in enumerate(lines):
+        cells = [
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ]
+        out.append("  ".join(cells).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def git_commit() -> str:
+    command = ["git", "rev-parse", "--short", "HEAD"]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+
+def detect_loop(tmp: Path) -> str:
+    """The loop the worker picks for itself; the baseline then runs on the same one."""
+    server = Server("worker", tmp, 1)
+    try:
+        server.start()
+        return server.loop
+    finally:
+        server.close()
+
+
+async def run(names: list[str], sizes: Sizes, smoke: bool) -> int:
+    if shutil.which("wrk") is None:
+        print("bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="bench-") as directory:
+        tmp = Path(directory)
+        ctx = Context(tmp, sizes, detect_loop(tmp))
+        results: dict[str, Any] = {}
+        passed = failed = skipped = 0
+        for name in names:
+            began = time.perf_counter()
+            print(f"bench: ({name}) {SCENARIOS[name].__doc__.splitlines()[0]}", flush=True)
+            try:
+                results[name] = await SCENARIOS[name](ctx)
+                passed += 1
+            except Skipped as exc:
+                results[name] = {"skipped": str(exc)}
+                ctx.row(name, f"skipped: {exc}", None)
+                skipped += 1
+            except (BenchError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+                results[name] = {"error": repr(exc)}
+                ctx.row(name, f"FAILED: {exc}"[:100], None)
+                failed += 1
+            results[name]["seconds"] = time.perf_counter() - began
+    meta = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "smoke": smoke,
+        "loop": ctx.loop,
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "cpus": os.cpu_count(),
+        "sizes": sizes.__dict__,
+        "commit": git_commit(),
+    }
+    out_dir = BENCH / "results"
+    out_dir.mkdir(exist_ok=True)
+    out = out_dir / f"{'smoke' if smoke else 'bench'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"meta": meta, "rows": ctx.rows, "results": results}, indent=2))
+    print(f"\nevent loop: {ctx.loop} (both servers); wrk -t1; raw results: {out.relative_to(ROOT)}")
+    print(table(ctx.rows))
+    print(f"bench{'-smoke' if smoke else ''}: {passed} passed, {failed} failed, {skipped} skipped")
+    return 1 if failed else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the harness only")
+    parser.add_argument("--only", default="abcdefg", help="scenarios to run, e.g. a,f")
+    parser.add_argument("--duration", type=float, help="seconds per wrk run in (a)")
+    parser.add_argument("--rounds", type=int, help="A/B rounds in (a) and (b)")
+    parser.add_argument(
+        "--worker-source", type=Path, help="run `python -m worker` from this checkout instead"
+    )
+    args = parser.parse_args()
+    if args.worker_source:
+        global WORKER_SOURCE
+        WORKER_SOURCE = args.worker_source.resolve()
+    sizes = SMOKE if args.smoke else Sizes()
+    if args.duration:
+        sizes.duration = args.duration
+    if args.rounds:
+        sizes.rounds = args.rounds
+    names = [n for n in args.only.replace(",", "") if n in SCENARIOS]
+    factory = None
+    with contextlib.suppress(ImportError):
+        import uvloop  # the load generators run faster on it; the servers pick their own
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        sys.exit(runner.run(run(names, sizes, args.smoke)))
+
+
+if __name__ == "__main__":
+    main()
