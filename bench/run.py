@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -600,52 +601,82 @@ async def health_slots(session: aiohttp.ClientSession, url: str) -> dict[str, in
         return slots
 
 
-async def warm_connections(session: aiohttp.ClientSession, url: str, count: int) -> None:
-    """Open `count` keep-alive connections, as a load balancer holds them."""
+class Pool:
+    """`count` keep-alive connections, open before the measurement, as a load balancer holds them.
 
-    async def one() -> None:
-        async with session.get(f"{url}/health") as response:
-            await response.read()
+    Opened in sessions of BATCH: thousands of connects at once overflow the listen backlog
+    (a dropped SYN is retried only after a second or more), and one big session would reuse
+    the first batch's connections instead of opening the next. Request i goes to session
+    i // BATCH, so `count` concurrent requests use exactly the connections opened here.
+    """
 
-    await asyncio.gather(*(one() for _ in range(count)))
+    BATCH = 100
+
+    def __init__(self, count: int) -> None:
+        sizes = [min(self.BATCH, count - start) for start in range(0, count, self.BATCH)]
+        self.sessions = [aiohttp.ClientSession(connector=connector(size)) for size in sizes]
+        self.sizes = sizes
+
+    async def open(self, url: str) -> None:
+        async def one(session: aiohttp.ClientSession) -> None:
+            async with session.get(f"{url}/health") as response:
+                await response.read()
+
+        for session, size in zip(self.sessions, self.sizes, strict=True):
+            await asyncio.gather(*(one(session) for _ in range(size)))
+
+    def session(self, index: int) -> aiohttp.ClientSession:
+        return self.sessions[index // self.BATCH]
+
+    async def close(self) -> None:
+        for session in self.sessions:
+            await session.close()
 
 
 async def queue_run(server: Server, count: int, hold: float | None) -> dict[str, Any]:
     """Fire `count` no-op tasks at once, optionally behind `hold` seconds of busy slots."""
     noop = {"function": "noop", "contract": 1}
     sleeper = {"function": "sleeper", "input": {"seconds": hold}, "contract": 1}
-    limit = count + server.slots + 10
+    holds_count = server.slots if hold is not None else 0
+    pool = Pool(count + holds_count)
     result: dict[str, Any] = {}
-    async with (
-        aiohttp.ClientSession(connector=connector(limit)) as session,
-        aiohttp.ClientSession() as probe,
-        asyncio.timeout(180),
-    ):
-        await warm_connections(session, server.url, count + server.slots)
-        await asyncio.sleep(0.5)
-        result["rss_connected"] = server.rss()
-        holds: list[asyncio.Task[tuple[int, Any]]] = []
-        released: list[float] = []
-        if hold is not None:
-            for _ in range(server.slots):
-                holds.append(asyncio.create_task(post(session, server.url, sleeper)))
-            holds[0].add_done_callback(lambda _: released.append(time.perf_counter()))
-            # Polling another process's /health: there is no event to wait on.
-            while (await health_slots(probe, server.url))["used"] < server.slots:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        fired = time.perf_counter()
-        tasks = [asyncio.create_task(post(session, server.url, noop)) for _ in range(count)]
-        queued_at = None
-        if hold is not None:
-            while (await health_slots(probe, server.url))["queue"] < count and not released:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-            queued_at = time.perf_counter()
-            result["rss_queued"] = server.rss()
-            result["queued_before_release"] = not released
-        answers = await asyncio.gather(*tasks)
-        last = time.perf_counter()
-        if holds:
-            await asyncio.gather(*holds)
+    try:
+        async with aiohttp.ClientSession() as probe, asyncio.timeout(180):
+            await pool.open(server.url)
+            await asyncio.sleep(0.5)
+            result["rss_connected"] = server.rss()
+            holds: list[asyncio.Task[tuple[int, Any]]] = []
+            released: list[float] = []
+            if hold is not None:
+                for i in range(holds_count):
+                    holds.append(asyncio.create_task(post(pool.session(i), server.url, sleeper)))
+                holds[0].add_done_callback(lambda _: released.append(time.perf_counter()))
+                # Polling another process's /health: there is no event to wait on.
+                while (await health_slots(probe, server.url))["used"] < server.slots:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            fired = time.perf_counter()
+            cpu = server.cpu_seconds(), time.process_time()
+            tasks = [
+                asyncio.create_task(post(pool.session(holds_count + i), server.url, noop))
+                for i in range(count)
+            ]
+            queued_at = None
+            if hold is not None:
+                while (await health_slots(probe, server.url))["queue"] < count and not released:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+                queued_at = time.perf_counter()
+                result["fill_cpu_s"] = {
+                    "server": server.cpu_seconds() - cpu[0],
+                    "load_generator": time.process_time() - cpu[1],
+                }
+                result["rss_queued"] = server.rss()
+                result["queued_before_release"] = not released
+            answers = await asyncio.gather(*tasks)
+            last = time.perf_counter()
+            if holds:
+                await asyncio.gather(*holds)
+    finally:
+        await pool.close()
     bad = [a for a in answers if a[0] != 200]
     if bad:
         raise BenchError(f"(e) {len(bad)} of {count} no-op tasks failed, e.g. {bad[0]!r}")
@@ -812,6 +843,7 @@ async def run(names: list[str], sizes: Sizes, smoke: bool) -> int:
                 ctx.row(name, f"skipped: {exc}", None)
                 skipped += 1
             except (BenchError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+                traceback.print_exc(file=sys.stderr)
                 results[name] = {"error": repr(exc)}
                 ctx.row(name, f"FAILED: {exc}"[:100], None)
                 failed += 1
