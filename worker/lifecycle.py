@@ -80,7 +80,13 @@ class Daemon:
         runtime.restore_maintenance()
         app = build_app(runtime)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
-        await runner.setup()
+        try:
+            await runner.setup()  # also binds the load balancer websocket
+        except OSError as exc:
+            port = cfg.load_balancer.websocket_port
+            _log.error("cannot listen", host=cfg.http.host, port=port, reason=str(exc))
+            await runner.cleanup()
+            return 1
         try:
             addresses = await self._listen(runner)
         except OSError as exc:
