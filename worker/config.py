@@ -57,7 +57,8 @@ class WorkerSection:
     default_timeout: float = option(30.0, env="DEFAULT_TIMEOUT", unit="ms", minimum=0.001)
     drain_timeout: float = option(60.0, minimum=0)
     functions: tuple[str, ...] = option(("worker.examples",))
-    state_dir: str = option("")
+    # systemd's StateDirectory= sets $STATE_DIRECTORY, so the unit needs no extra setting.
+    state_dir: str = option("", env="STATE_DIRECTORY")
 
 
 @dataclass(frozen=True)

@@ -81,13 +81,8 @@ class Daemon:
         app = build_app(runtime)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
         try:
-            await runner.setup()  # also binds the load balancer websocket
-        except OSError as exc:
-            port = cfg.load_balancer.websocket_port
-            _log.error("cannot listen", host=cfg.http.host, port=port, reason=str(exc))
-            await runner.cleanup()
-            return 1
-        try:
+            # setup() also starts the background parts (their listeners included).
+            await runner.setup()
             addresses = await self._listen(runner)
         except OSError as exc:
             _log.error("cannot listen", host=cfg.http.host, port=cfg.http.port, reason=str(exc))
