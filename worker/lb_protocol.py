@@ -77,8 +77,9 @@ def advertise_url(runtime: Runtime) -> str:
 
 
 def without_credentials(url: str) -> str:
-    """A URL safe for logs and /health: any `user:password@` is masked."""
-    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1***@", url)
+    """A URL safe for logs and /health: any `user:password@` and query string are masked."""
+    url = re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#@]*@", r"\1***@", url)
+    return re.sub(r"\?.*$", "?***", url)
 
 
 class StatusFeed:
