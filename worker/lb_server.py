@@ -52,7 +52,8 @@ class InboundServer:
         site = web.TCPSite(runner, host, port, reuse_address=True)
         try:
             await site.start()
-        except OSError:
+        except OSError as exc:
+            _log.error("cannot listen for load balancers", host=host, port=port, reason=str(exc))
             await runner.cleanup()
             raise
         self._runner = runner
