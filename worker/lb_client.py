@@ -121,6 +121,7 @@ class OutboundClient:
             self._retarget.clear()
             url = self._runtime.config.load_balancer.url
             if not url:
+                self.last_error = None
                 await self._retarget.wait()
                 failures = 0
                 continue
