@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -147,3 +148,35 @@ def test_sees_details_with_either_key_in_either_header() -> None:
         for key in (AUTH_KEY, LB_KEY):
             assert auth.sees_details({header: key}, KEYS)
         assert not auth.sees_details({header: "nope"}, KEYS)
+
+
+async def raw_request(port: int, request_line: bytes, header: bytes) -> bytes:
+    """Send bytes no HTTP client library would: a header value that is not UTF-8."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        request_line + b" HTTP/1.1\r\nHost: worker\r\n" + header + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("request_line", "header", "status"),
+    [
+        (b"POST /task", b"Authorization: \xff\xfe\xc3", b"401"),
+        (b"POST /task", b"Authorization: " + AUTH_KEY.encode() + b"\r\nx-lb-auth: \xff", b"401"),
+        (b"POST /off", b"Authorization: \xff", b"401"),
+        (b"GET /health", b"Authorization: \xff\xfe", b"200"),
+        (b"GET /health", b"x-lb-auth: \xc3\x28", b"200"),
+    ],
+)
+async def test_credentials_that_are_not_utf8_are_refused_not_a_500(
+    worker_app: Start, request_line: bytes, header: bytes, status: bytes
+) -> None:
+    client, _ = await worker_app()
+    answer = await raw_request(client.port, request_line, header)
+    assert answer.split(b" ", 2)[1] == status, answer
