@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import tomllib
@@ -223,8 +224,8 @@ def _check(opt: Option, value: Any) -> Any:
             value = parse_size(value)
         except ValueError as exc:
             raise ConfigError(f"{opt.name}: {exc}") from None
-    if type(value) is not tp:
-        raise ConfigError(f"{problem}, not {value!r}")
+    if type(value) is not tp or (tp is float and math.isnan(value)):
+        raise ConfigError(f"{problem}, not {value!r}")  # nan would slip past the bounds below
     low, high = opt.meta["min"], opt.meta["max"]
     if low is not None and value < low:
         raise ConfigError(f"{opt.name} must be at least {low}, not {value!r}")
