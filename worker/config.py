@@ -36,12 +36,12 @@ def option(
     *,
     env: str | None = None,
     unit: Unit | None = None,
-    flag: bool = False,
+    flag: bool | str = False,
     minimum: float | None = None,
     maximum: float | None = None,
     help: str = "",
 ) -> Any:
-    """Declare one option: its default, environment variable, unit and bounds."""
+    """Declare one option: default, environment variable, unit, bounds; `flag` True or "--name"."""
     meta = {"env": env, "unit": unit, "flag": flag, "min": minimum, "max": maximum, "help": help}
     if isinstance(default, dict):
         frozen = types.MappingProxyType(dict(default))
@@ -77,7 +77,7 @@ class AuthSection:
 
 @dataclass(frozen=True)
 class LoggingSection:
-    level: LogLevel = option("info", env="LOG_LEVEL", flag=True, help="log level")
+    level: LogLevel = option("info", env="LOG_LEVEL", flag="--log-level", help="log level")
     max_lines: int = option(1000, env="MAX_LOGS", minimum=1)
     format: LogFormat = option("auto", help="log output format")
 
@@ -133,7 +133,8 @@ class Option:
 
     @property
     def flag(self) -> str:
-        return "--" + self.key.replace("_", "-")
+        named = self.meta["flag"]
+        return named if isinstance(named, str) else "--" + self.key.replace("_", "-")
 
 
 def _section_types() -> dict[str, type]:
