@@ -179,6 +179,23 @@ async def test_400_body_not_json_or_not_an_object(
     assert message in body["error"]
 
 
+async def test_400_for_json_nested_too_deeply_not_a_500(worker_app: Start) -> None:
+    client, runtime = await worker_app()
+    headers = {**AUTH, "Content-Type": "application/json"}
+    response = await client.post("/task", data=b"[" * 100_000, headers=headers)
+    await error_of(response, 400)
+    assert runtime.slots.state().used == 0
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+async def test_400_for_non_json_number_constants(worker_app: Start, constant: bytes) -> None:
+    client, _ = await worker_app()
+    raw = b'{"function": "typed", "contract": 1, "input": {"text": "ab", "count": ' + constant
+    headers = {**AUTH, "Content-Type": "application/json"}
+    body = await error_of(await client.post("/task", data=raw + b"}}", headers=headers), 400)
+    assert "not valid JSON" in body["error"]
+
+
 async def test_413_over_max_body_size(worker_app: Start) -> None:
     client, runtime = await worker_app(http={"max_body_size": 1024})
     big = task("hello", input={"name": "x" * 2000})
