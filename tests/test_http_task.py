@@ -101,6 +101,13 @@ async def test_result_that_is_not_json_is_a_500_naming_the_cause(worker_app: Sta
     assert runtime.slots.state().used == 0
 
 
+async def test_nan_result_is_a_500_not_invalid_json(worker_app: Start) -> None:
+    client, _ = await worker_app()
+    response = await post(client, task("nan_result"))
+    body = await error_of(response, 500)
+    assert "not JSON-serialisable" in body["error"]
+
+
 async def test_async_timeout_answers_504(worker_app: Start) -> None:
     client, runtime = await worker_app()
     began = time.monotonic()

@@ -112,3 +112,11 @@ def test_every_failing_param_is_reported_at_once() -> None:
 def test_bad_declarations_are_refused(spec: dict[str, Any], message: str) -> None:
     with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(")", r"\)")):
         compile_params("f", {"p": spec})
+
+
+def test_pattern_matches_anywhere_like_javascript_regexp_test() -> None:
+    schema = compile_params("f", {"word": {"type": "string", "pattern": "b+"}})
+    assert schema.load({"word": "abba"}) == {"word": "abba"}
+    with pytest.raises(ValidationError) as caught:
+        schema.load({"word": "xyz"})
+    assert caught.value.messages == {"word": ["String does not match expected pattern."]}

@@ -81,7 +81,7 @@ def result_response(result: TaskResult) -> web.Response:
     headers = {"X-Task-Id": result.task_id}
     if result.outcome is Outcome.SUCCEEDED:
         try:
-            text = json.dumps({"success": True, "result": result.value})
+            text = json.dumps({"success": True, "result": result.value}, allow_nan=False)
         except (TypeError, ValueError) as exc:
             body = {"success": False, "error": f"Function result is not JSON-serialisable: {exc}"}
             return json_response(body, 500, headers)

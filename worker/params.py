@@ -34,6 +34,15 @@ class StrictBoolean(fields.Field):
         return value
 
 
+class Pattern(validate.Regexp):
+    """`pattern` as JavaScript's RegExp.test reads it (Andera): a match anywhere in the string."""
+
+    def __call__(self, value: str) -> str:
+        if self.regex.search(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
+
+
 class ParamsError(ValueError):
     """A function declared params the vocabulary does not allow."""
 
@@ -52,7 +61,7 @@ def _field(name: str, spec: Mapping[str, Any]) -> fields.Field:
     if "enum" in spec:
         checks.append(validate.OneOf(list(spec["enum"])))
     if "pattern" in spec:
-        checks.append(validate.Regexp(re.compile(spec["pattern"])))
+        checks.append(Pattern(re.compile(spec["pattern"])))
     options: dict[str, Any] = {"required": bool(spec.get("required", False)), "validate": checks}
     if "default" in spec:
         options["load_default"] = spec["default"]

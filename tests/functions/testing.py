@@ -134,3 +134,8 @@ async def context(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
         "mode": ctx.mode,
         "stream": ctx.stream is None,
     }
+
+
+@function
+async def nan_result(params: dict[str, Any], ctx: Any) -> float:
+    return float("nan")
