@@ -37,8 +37,8 @@ class StrictBoolean(fields.Field):
 class Pattern(validate.Regexp):
     """`pattern` as JavaScript's RegExp.test reads it (Andera): a match anywhere in the string."""
 
-    def __call__(self, value: str) -> str:
-        if self.regex.search(value) is None:
+    def __call__(self, value: Any) -> Any:
+        if re.search(self.regex.pattern, value) is None:
             raise ValidationError(self._format_error(value))
         return value
 
