@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
@@ -38,7 +38,7 @@ class Pattern(validate.Regexp):
     """`pattern` as JavaScript's RegExp.test reads it (Andera): a match anywhere in the string."""
 
     def __call__(self, value: Any) -> Any:
-        if re.search(self.regex.pattern, value) is None:
+        if cast("re.Pattern[str]", self.regex).search(value) is None:
             raise ValidationError(self._format_error(value))
         return value
 
