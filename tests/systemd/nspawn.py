@@ -22,10 +22,15 @@ T = TypeVar("T")
 CACHE_DIR = Path(os.environ.get("BASE_WORKER_NSPAWN_CACHE", "/var/tmp/base-worker-nspawn"))
 MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
-PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv")
+# procps: /bin/kill for the unit's ExecReload= (on every normal Debian install, not in minbase).
+PACKAGES = ("systemd", "systemd-sysv", "dbus", "procps", "python3", "python3-venv")
 # Stored inside the cached root; a root built from another recipe is rebuilt.
 RECIPE = f"debootstrap --variant=minbase --include={','.join(PACKAGES)} {SUITE} ROOT {MIRROR}\n"
 RECIPE_FILE = ".base-worker-recipe"
+CONTAINER_ENV = (
+    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG=C.UTF-8",
+)
 
 
 class ContainerError(RuntimeError):
@@ -174,7 +179,8 @@ class Container:
         timeout: float = 120.0,
     ) -> subprocess.CompletedProcess[str]:
         """Run ``cmd`` inside the container (all of its namespaces) and capture its output."""
-        full = ["nsenter", "-t", str(self.pid), "-a", *cmd]
+        # A clean environment: nothing of the host's (PIP_*, NOTIFY_SOCKET, PATH) leaks inside.
+        full = ["nsenter", "-t", str(self.pid), "-a", "env", "-i", *CONTAINER_ENV, *cmd]
         proc = subprocess.run(
             full, input=input, capture_output=True, text=True, timeout=timeout, check=False
         )
