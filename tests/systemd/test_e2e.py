@@ -158,7 +158,7 @@ def worker(nspawn_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         for unit in ("base-worker.service", "base-worker@.service", "base-worker.socket"):
             box.write(f"/etc/systemd/system/{unit}", (REPO / "systemd" / unit).read_text())
         sysusers = (REPO / "systemd/base-worker.sysusers").read_text()
-        box.write("/usr/lib/sysusers.d/base-worker.conf", sysusers)
+        box.write("/etc/sysusers.d/base-worker.conf", sysusers)
         box.run("systemd-sysusers")
         box.run("systemctl", "daemon-reload")
         result = Worker(box, free_port())

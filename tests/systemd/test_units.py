@@ -104,12 +104,13 @@ def test_security_exposure(unit: str) -> None:
 
 def test_template_matches_service() -> None:
     """The template differs from the single unit only in config path, state dir and names."""
-    single = (UNIT_DIR / "base-worker.service").read_text().splitlines()
-    template = (UNIT_DIR / "base-worker@.service").read_text().splitlines()
-    differ = [(a, b) for a, b in zip(single, template, strict=True) if a != b]
-    for a, b in differ:
-        if a.startswith(("#", "Description=")):
-            continue
+
+    def settings(unit: str) -> list[str]:
+        lines = (UNIT_DIR / unit).read_text().splitlines()
+        return [line for line in lines if not line.startswith(("#", "Description="))]
+
+    single, template = settings("base-worker.service"), settings("base-worker@.service")
+    for a, b in zip(single, template, strict=True):
         assert b == a.replace("/etc/base-worker/config.toml", "/etc/base-worker/%i.toml").replace(
             "StateDirectory=base-worker", "StateDirectory=base-worker/%i"
         )
