@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from worker.errors import Unavailable
+from worker.slots import SlotManager, SlotState
+
+
+async def test_priority_then_arrival_order_with_one_slot() -> None:
+    slots = SlotManager(limit=1, max_queue=10)
+    holder = await slots.admit(5).lease()
+    order: list[str] = []
+
+    async def queued(label: str, priority: int) -> None:
+        lease = await slots.admit(priority).lease()
+        order.append(label)
+        lease.release()
+
+    waiters = []
+    for label, priority in [("p3", 3), ("p1-first", 1), ("p2", 2), ("p1-second", 1)]:
+        waiters.append(asyncio.create_task(queued(label, priority)))
+        await asyncio.sleep(0)
+    assert slots.state().queue == 4
+    holder.release()
+    await asyncio.gather(*waiters)
+    assert order == ["p1-first", "p1-second", "p2", "p3"]
+    assert slots.state() == SlotState("ready", 0, 1, 0)
+
+
+async def test_cancelled_waiter_leaves_queue_without_taking_a_slot() -> None:
+    slots = SlotManager(limit=1, max_queue=10)
+    holder = await slots.admit(1).lease()
+    waiter = asyncio.create_task(slots.admit(1).lease())
+    await asyncio.sleep(0)
+    assert slots.state().queue == 1
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert slots.state().queue == 0
+    holder.release()
+    assert slots.state().used == 0
+
+
+async def test_slot_granted_at_the_moment_of_cancel_is_passed_on() -> None:
+    slots = SlotManager(limit=1, max_queue=10)
+    holder = await slots.admit(1).lease()
+    first = asyncio.create_task(slots.admit(1).lease())
+    second = asyncio.create_task(slots.admit(1).lease())
+    await asyncio.sleep(0)
+    holder.release()  # grants `first`, which is cancelled before it resumes
+    first.cancel()
+    lease = await second
+    assert slots.state().used == 1
+    lease.release()
+    assert slots.state() == SlotState("ready", 0, 1, 0)
+
+
+async def test_full_queue_and_maintenance_refuse_admission() -> None:
+    slots = SlotManager(limit=1, max_queue=1)
+    holder = await slots.admit(1).lease()
+    queued = slots.admit(1)
+    with pytest.raises(Unavailable, match="Queue is full"):
+        slots.admit(1)
+    slots.set_status("maintenance")
+    with pytest.raises(Unavailable, match="maintenance"):
+        slots.admit(1)
+    assert slots.state().available == 0
+    holder.release()
+    (await queued.lease()).release()  # already-queued work still runs in maintenance
+    assert slots.state().used == 0
+
+
+async def test_resize_grants_waiters_and_shrinking_cancels_nothing() -> None:
+    slots = SlotManager(limit=1, max_queue=10)
+    leases = [await slots.admit(1).lease()]
+    waiting = [asyncio.create_task(slots.admit(1).lease()) for _ in range(2)]
+    await asyncio.sleep(0)
+    slots.resize(3)
+    leases += await asyncio.gather(*waiting)
+    assert slots.state().used == 3
+    slots.resize(1)
+    assert slots.state().used == 3  # nothing cancelled
+    late = asyncio.create_task(slots.admit(1).lease())
+    await asyncio.sleep(0)
+    leases.pop().release()
+    leases.pop().release()
+    await asyncio.sleep(0)
+    assert not late.done()  # still over the new limit of 1
+    leases.pop().release()
+    (await late).release()
+    assert slots.state().used == 0
+
+
+async def test_subscribers_see_every_change() -> None:
+    slots = SlotManager(limit=2, max_queue=10)
+    seen: list[SlotState] = []
+    unsubscribe = slots.subscribe(seen.append)
+    lease = await slots.admit(1).lease()
+    lease.release()
+    slots.set_status("maintenance")
+    unsubscribe()
+    slots.set_status("ready")
+    assert [(s.used, s.status) for s in seen] == [(1, "ready"), (0, "ready"), (0, "maintenance")]

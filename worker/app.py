@@ -1,0 +1,27 @@
+"""Assembles the aiohttp application from the parts; the only module that knows them all."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from worker.http import RUNTIME, add_routes, error_middleware
+from worker.runtime import Runtime
+
+
+def build_app(runtime: Runtime) -> web.Application:
+    """The HTTP application serving `runtime`; background parts start and stop with it."""
+    app = web.Application(
+        middlewares=[error_middleware],
+        client_max_size=runtime.config.http.max_body_size,
+    )
+    app[RUNTIME] = runtime
+    add_routes(app)
+    app.cleanup_ctx.append(_thread_pool)
+    return app
+
+
+async def _thread_pool(app: web.Application) -> AsyncIterator[None]:
+    yield
+    app[RUNTIME].runner.close()

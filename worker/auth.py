@@ -1,0 +1,51 @@
+"""Who may call what: the AUTH_KEY and LB_AUTH_KEY rules, compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+
+from worker.config import AuthSection
+from worker.errors import Unauthorized
+
+LB_HEADER = "x-lb-auth"
+
+
+def _offered(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    return value[7:].strip() if value[:7].lower() == "bearer " else value
+
+
+def matches(value: str | None, key: str) -> bool:
+    """True when the header value (optionally `Bearer `-prefixed) equals a configured key."""
+    offered = _offered(value)
+    if not key or offered is None:
+        return False
+    return hmac.compare_digest(offered.encode(), key.encode())
+
+
+def require_operator(headers: Mapping[str, str], keys: AuthSection) -> None:
+    """POST /task, /on, /off: AUTH_KEY in Authorization; an x-lb-auth, if sent, must be right."""
+    if not matches(headers.get("Authorization"), keys.auth_key):
+        raise Unauthorized("Missing or invalid Authorization header")
+    if LB_HEADER in headers and not matches(headers.get(LB_HEADER), keys.lb_auth_key):
+        raise Unauthorized("Invalid x-lb-auth header")
+
+
+def require_any(headers: Mapping[str, str], keys: AuthSection) -> None:
+    """GET /logs: AUTH_KEY in Authorization or LB_AUTH_KEY in x-lb-auth."""
+    if not (
+        matches(headers.get("Authorization"), keys.auth_key)
+        or matches(headers.get(LB_HEADER), keys.lb_auth_key)
+    ):
+        raise Unauthorized("Missing or invalid credentials")
+
+
+def sees_details(headers: Mapping[str, str], keys: AuthSection) -> bool:
+    """GET /health: either key in either header unlocks the detailed view."""
+    offered = (headers.get("Authorization"), headers.get(LB_HEADER))
+    return any(
+        matches(value, key) for value in offered for key in (keys.auth_key, keys.lb_auth_key)
+    )

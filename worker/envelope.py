@@ -1,0 +1,108 @@
+"""Validating a `POST /task` body into a TaskSpec, before it may take a queue place or a slot."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+
+from worker.errors import BadRequest, NotFound
+from worker.functions import Registry
+from worker.params import validate_input
+from worker.tasks import TaskSpec, WebhookTarget
+
+MAX_PRIORITY = 2097152
+MODES = ("sync", "stream", "webhook")
+_BALANCER_TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class WebhookSchema(Schema):
+    """Where to deliver the result in mode webhook."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    url = fields.Url(required=True, schemes={"http", "https"}, require_tld=False)
+    headers = fields.Dict(keys=fields.String(), values=fields.String(), load_default=dict)
+
+
+class TaskEnvelopeSchema(Schema):
+    """The body of POST /task; keys a load balancer adds (such as `_taskId`) are ignored."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    function = fields.String(required=True, validate=validate.Length(min=1))
+    input = fields.Dict(load_default=dict)
+    contract = fields.Integer(required=True, strict=True)
+    priority = fields.Integer(strict=True, load_default=1, validate=validate.Range(1, MAX_PRIORITY))
+    mode = fields.String(load_default="sync", validate=validate.OneOf(MODES))
+    webhook = fields.Nested(WebhookSchema)
+    group = fields.String()
+
+    @validates_schema
+    def _webhook_for_mode(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("mode") == "webhook" and "webhook" not in data:
+            raise ValidationError("Required in mode webhook.", "webhook")
+
+
+ENVELOPE = TaskEnvelopeSchema()
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 saying what it is instead."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadRequest("Request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("Request body must be a JSON object")
+    return body
+
+
+def validate_task(body: dict[str, Any], registry: Registry, group: str, contract: int) -> TaskSpec:
+    """Check the envelope, the contract, the group, the function and its input, in that order."""
+    try:
+        envelope = ENVELOPE.load(body)
+    except ValidationError as exc:
+        raise BadRequest("Invalid task request", details=_details(exc)) from None
+    if envelope["contract"] != contract:
+        raise BadRequest(
+            f"Contract version mismatch: requested {envelope['contract']}, worker is {contract}"
+        )
+    if "group" in envelope and envelope["group"] != group:
+        raise BadRequest(f"Group mismatch: requested {envelope['group']!r}, worker is {group!r}")
+    spec = registry.get(envelope["function"])
+    if spec is None:
+        raise NotFound(f"Function '{envelope['function']}' not found")
+    if envelope["mode"] == "stream" and not spec.streaming:
+        raise BadRequest(f"Function '{spec.name}' does not support streaming")
+    try:
+        params = validate_input(spec.schema, envelope["input"])
+    except ValidationError as exc:
+        raise BadRequest(f"Invalid input for function '{spec.name}'", _details(exc)) from None
+    webhook = envelope.get("webhook")
+    return TaskSpec(
+        task_id=_task_id(body),
+        function=spec,
+        params=params,
+        priority=envelope["priority"],
+        mode=envelope["mode"],
+        webhook=WebhookTarget(webhook["url"], webhook["headers"]) if webhook else None,
+    )
+
+
+def _task_id(body: dict[str, Any]) -> str:
+    """The Andera balancer's `_taskId` when it sends a sane one, so logs correlate; else new."""
+    offered = body.get("_taskId")
+    if isinstance(offered, str) and _BALANCER_TASK_ID.match(offered):
+        return offered
+    return str(uuid.uuid4())
+
+
+def _details(exc: ValidationError) -> dict[str, Any]:
+    messages = exc.messages
+    return messages if isinstance(messages, dict) else {"_schema": messages}

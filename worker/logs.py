@@ -1,0 +1,163 @@
+"""Logging: one structlog pipeline that writes each line to the output and to the /logs buffer.
+
+Secrets are masked in the rendered line, the last step before it leaves the process, so no
+processor, renderer or library can leak one. The standard library's records (aiohttp's) are
+routed through the same pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TextIO
+
+import structlog
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+LEVELS["error"] = logging.ERROR
+# syslog priorities, which journald reads from a `<N>` prefix
+_JOURNAL_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+_JOURNAL_PRIORITY["exception"] = 3
+MASK = "***"
+
+Listener = Callable[[str], None]
+
+
+class LogBuffer:
+    """The last `max_lines` lines, oldest first, and whoever follows new ones."""
+
+    def __init__(self, max_lines: int) -> None:
+        self.lines: deque[str] = deque(maxlen=max_lines)
+        self._listeners: list[Listener] = []
+
+    def resize(self, max_lines: int) -> None:
+        if max_lines != self.lines.maxlen:
+            self.lines = deque(self.lines, maxlen=max_lines)
+
+    def tail(self, count: int | None = None) -> list[str]:
+        if count is None or count >= len(self.lines):
+            return list(self.lines)
+        return list(self.lines)[len(self.lines) - count :] if count > 0 else []
+
+    def listen(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener(line)` for every new line (it must never block); returns the undo."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def append(self, line: str) -> None:
+        self.lines.append(line)
+        for listener in self._listeners:
+            listener(line)
+
+
+class _Sink:
+    """The structlog 'logger': masks, writes the line, and keeps it for /logs."""
+
+    def __init__(self, output: TextIO, buffer: LogBuffer) -> None:
+        self.output = output
+        self.buffer = buffer
+        self.secrets: tuple[str, ...] = ()
+
+    def msg(self, line: str) -> None:
+        for secret in self.secrets:
+            if secret in line:
+                line = line.replace(secret, MASK)
+        try:
+            self.output.write(line + "\n")
+            self.output.flush()
+        except (OSError, ValueError):
+            pass  # a closed stdout must not take the daemon down; /logs still has the line
+        self.buffer.append(line)
+
+    debug = info = warning = error = critical = exception = log = msg
+
+
+def journal_stream_is(output: TextIO, environ: Mapping[str, str]) -> bool:
+    """True when `output` is the stream journald connected ($JOURNAL_STREAM = device:inode)."""
+    expected = environ.get("JOURNAL_STREAM", "")
+    if ":" not in expected:
+        return False
+    try:
+        stat = os.fstat(output.fileno())
+    except (OSError, ValueError):
+        return False
+    return expected == f"{stat.st_dev}:{stat.st_ino}"
+
+
+def resolve_format(fmt: str, output: TextIO, environ: Mapping[str, str]) -> str:
+    """`auto` becomes journal under journald, console on a terminal, json otherwise."""
+    if fmt != "auto":
+        return fmt
+    if journal_stream_is(output, environ):
+        return "journal"
+    return "console" if output.isatty() else "json"
+
+
+def _journal_prefix(renderer: Any) -> Any:
+    def render(logger: Any, method: str, event: Any) -> str:
+        level = event.get("level", method)
+        return f"<{_JOURNAL_PRIORITY.get(level, 6)}>{renderer(logger, method, event)}"
+
+    return render
+
+
+class Logging:
+    """The configured pipeline; `apply` may be called again on reload."""
+
+    def __init__(self, buffer: LogBuffer, output: TextIO | None = None) -> None:
+        self.buffer = buffer
+        self.sink = _Sink(output or sys.stdout, buffer)
+        self.format = "console"
+
+    def apply(
+        self,
+        level: str,
+        fmt: str,
+        secrets: Iterable[str],
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        environ = os.environ if environ is None else environ
+        self.format = resolve_format(fmt, self.sink.output, environ)
+        # Longest first, so a secret containing another is masked whole.
+        self.sink.secrets = tuple(sorted(set(secrets), key=len, reverse=True))
+        processors: list[Any] = [
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+        ]
+        if self.format != "journal":  # journald stamps every line itself
+            processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
+        processors += [
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+        ]
+        if self.format == "json":
+            processors.append(structlog.processors.JSONRenderer())
+        elif self.format == "journal":
+            processors.append(_journal_prefix(structlog.dev.ConsoleRenderer(colors=False)))
+        else:
+            processors.append(structlog.dev.ConsoleRenderer(colors=False))
+        structlog.configure(
+            processors=processors,
+            wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+            logger_factory=lambda *args: self.sink,
+            cache_logger_on_first_use=False,
+        )
+        root = logging.getLogger()
+        root.handlers = [_StdlibBridge()]
+        root.setLevel(LEVELS[level])
+        # aiohttp's access log would double the per-task summary line for every request.
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class _StdlibBridge(logging.Handler):
+    """Send the standard library's records (aiohttp's, asyncio's) through structlog."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger = structlog.get_logger(record.name)
+        fields: dict[str, Any] = {"logger": record.name}
+        if record.exc_info:
+            fields["exc_info"] = record.exc_info
+        logger.log(record.levelno, record.getMessage(), **fields)

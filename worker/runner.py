@@ -1,0 +1,106 @@
+"""Running one function call: its three forms, its timeout and its retries."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from worker.context import TaskContext
+from worker.functions import FunctionSpec
+
+
+class Outcome(enum.Enum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """How a call ended. `overrun` is the thread still running after a timeout, if any."""
+
+    outcome: Outcome
+    value: Any = None
+    error: str | None = None
+    attempts: int = 1
+    overrun: concurrent.futures.Future[Any] | None = None
+
+
+def _error_text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+class Runner:
+    """Calls functions: coroutines on the loop, plain `def`s in threads, generators drained."""
+
+    def __init__(self, default_timeout: float) -> None:
+        self.default_timeout = default_timeout
+        # Concurrency is already bounded by the slots; the pool only has to never be the limit.
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1024, thread_name_prefix="function"
+        )
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self, spec: FunctionSpec, params: dict[str, Any], ctx: TaskContext) -> RunResult:
+        """Call `spec` up to 1 + max_retries times while it raises; never raises itself
+        except CancelledError, which the caller turns into a cancelled outcome."""
+        timeout = spec.timeout if spec.timeout is not None else self.default_timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            result = await self._attempt(spec, params, ctx, timeout)
+            if result.outcome is not Outcome.FAILED or attempt > spec.max_retries:
+                return RunResult(
+                    result.outcome, result.value, result.error, attempt, result.overrun
+                )
+            ctx.log.warning("attempt failed, retrying", attempt=attempt, error=result.error)
+
+    async def _attempt(
+        self, spec: FunctionSpec, params: dict[str, Any], ctx: TaskContext, seconds: float
+    ) -> RunResult:
+        thread: concurrent.futures.Future[Any] | None = None
+        try:
+            async with asyncio.timeout(seconds):
+                if spec.kind == "thread":
+                    call = contextvars.copy_context().run
+                    thread = self._threads.submit(call, spec.handler, params, ctx)
+                    value = await asyncio.wrap_future(thread)
+                elif spec.kind == "generator":
+                    value = await self._drain_generator(spec, params, ctx)
+                else:
+                    value = await spec.handler(params, ctx)
+        except TimeoutError:
+            overrun = thread if thread is not None and not thread.done() else None
+            return RunResult(
+                Outcome.TIMED_OUT, error=f"Function timed out after {seconds:g}s", overrun=overrun
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return RunResult(Outcome.FAILED, error=_error_text(exc))
+        return RunResult(Outcome.SUCCEEDED, value=value)
+
+    @staticmethod
+    async def _drain_generator(spec: FunctionSpec, params: dict[str, Any], ctx: TaskContext) -> Any:
+        chunks: list[Any] = []
+        generator = spec.handler(params, ctx)
+        try:
+            async for chunk in generator:
+                if ctx.stream is not None:
+                    await ctx.stream(chunk)
+                else:
+                    chunks.append(chunk)
+        finally:
+            await generator.aclose()
+        if ctx.stream is not None:
+            return None
+        if chunks and all(isinstance(chunk, str) for chunk in chunks):
+            return "".join(chunks)
+        return chunks

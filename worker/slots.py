@@ -1,0 +1,199 @@
+"""Parallel slots with a bounded priority queue behind them.
+
+`admit()` decides at once whether a task may wait for a slot (maintenance, draining and a full
+queue say no there); `Admission.lease()` waits for the slot itself. The slot is handed straight
+from a finishing task to the most urgent waiter, so nothing can overtake the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from worker.errors import Unavailable
+
+Status = Literal["ready", "maintenance", "draining"]
+Subscriber = Callable[["SlotState"], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SlotState:
+    """A snapshot of the slots, as /health, the load balancer and systemd report it."""
+
+    status: Status
+    used: int
+    limit: int
+    queue: int
+
+    @property
+    def available(self) -> int:
+        return max(self.limit - self.used, 0) if self.status == "ready" else 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "used": self.used,
+            "available": self.available,
+            "limit": self.limit,
+            "queue": self.queue,
+        }
+
+
+class Lease:
+    """One held slot, given back exactly once."""
+
+    __slots__ = ("_manager", "_released")
+
+    def __init__(self, manager: SlotManager) -> None:
+        self._manager = manager
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._manager._release()
+
+    def release_when_done(self, work: concurrent.futures.Future[object]) -> None:
+        """Keep the slot until `work` (a thread that cannot be killed) really returns."""
+        loop = asyncio.get_running_loop()
+        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self.release))
+
+
+class Admission:
+    """A place in line: already granted a slot, or queued for one."""
+
+    __slots__ = ("_manager", "abandoned", "future", "priority", "seq")
+
+    def __init__(self, manager: SlotManager, priority: int, seq: int) -> None:
+        self._manager = manager
+        self.abandoned = False
+        self.priority = priority
+        self.seq = seq
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def __lt__(self, other: Admission) -> bool:
+        return (self.priority, self.seq) < (other.priority, other.seq)
+
+    @property
+    def granted(self) -> bool:
+        return self.future.done() and not self.future.cancelled()
+
+    async def lease(self) -> Lease:
+        """Wait for the slot; cancelling this leaves the queue without ever taking one."""
+        try:
+            await self.future
+        except asyncio.CancelledError:
+            self.abandon()
+            raise
+        return Lease(self._manager)
+
+    def abandon(self) -> None:
+        """Give up this place: leave the queue, or give back a slot granted but never used."""
+        self._manager._abandon(self)
+
+
+class SlotManager:
+    """`limit` parallel slots, a queue of at most `max_queue` behind them, and the worker status."""
+
+    def __init__(self, limit: int, max_queue: int, status: Status = "ready") -> None:
+        self._limit = limit
+        self._max_queue = max_queue
+        self._status: Status = status
+        self._used = 0
+        self._queued = 0
+        self._heap: list[Admission] = []
+        self._seq = itertools.count()
+        self._subscribers: list[Subscriber] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def state(self) -> SlotState:
+        return SlotState(self._status, self._used, self._limit, self._queued)
+
+    @property
+    def status(self) -> Status:
+        return self._status
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Call `subscriber(state)` on every change; returns the function that unsubscribes."""
+        self._subscribers.append(subscriber)
+        return lambda: self._subscribers.remove(subscriber)
+
+    def set_status(self, status: Status) -> None:
+        if status != self._status:
+            self._status = status
+            self._changed()
+
+    def set_max_queue(self, max_queue: int) -> None:
+        self._max_queue = max_queue
+
+    def resize(self, limit: int) -> None:
+        """Change the slot count live; shrinking never cancels work, it only stops handing out."""
+        if limit < 1:
+            raise ValueError("slots must be at least 1")
+        self._limit = limit
+        self._grant_waiting()
+        self._changed()
+
+    def admit(self, priority: int) -> Admission:
+        """Take a place for a new task, or refuse it with the 503 the client should get."""
+        if self._status != "ready":
+            raise Unavailable("Worker is in maintenance mode")
+        admission = Admission(self, priority, next(self._seq))
+        if self._used < self._limit and self._queued == 0:
+            self._used += 1
+            admission.future.set_result(None)
+        elif self._queued >= self._max_queue:
+            raise Unavailable(f"Queue is full ({self._max_queue} tasks waiting)")
+        else:
+            heapq.heappush(self._heap, admission)
+            self._queued += 1
+        self._changed()
+        return admission
+
+    async def wait_idle(self) -> None:
+        """Return once no slot is used and nothing is queued."""
+        await self._idle.wait()
+
+    def _abandon(self, admission: Admission) -> None:
+        if admission.abandoned:
+            return
+        admission.abandoned = True
+        if admission.granted:
+            # The slot was handed over just as the waiter was cancelled: pass it on.
+            self._release()
+            return
+        admission.future.cancel()  # removed lazily from the heap
+        self._queued -= 1
+        if len(self._heap) > 64 and len(self._heap) > 2 * self._queued:
+            self._heap = [a for a in self._heap if not a.future.done()]
+            heapq.heapify(self._heap)
+        self._changed()
+
+    def _release(self) -> None:
+        self._used -= 1
+        self._grant_waiting()
+        self._changed()
+
+    def _grant_waiting(self) -> None:
+        while self._used < self._limit and self._heap:
+            admission = heapq.heappop(self._heap)
+            if admission.future.done():
+                continue
+            self._queued -= 1
+            self._used += 1
+            admission.future.set_result(None)
+
+    def _changed(self) -> None:
+        if self._used == 0 and self._queued == 0:
+            self._idle.set()
+        else:
+            self._idle.clear()
+        if self._subscribers:
+            state = self.state()
+            for subscriber in list(self._subscribers):
+                subscriber(state)

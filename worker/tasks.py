@@ -1,0 +1,184 @@
+"""Accepted tasks: from a place in the queue, through a slot, to a recorded outcome.
+
+Each accepted task runs as a job (its own asyncio task) owned here, apart from the HTTP request
+that brought it: a client that hangs up while its task runs does not stop the task, and the
+outcome is still counted and logged. One summary line per task is written here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from worker.context import Mode, StreamWriter, TaskContext
+from worker.functions import FunctionSpec
+from worker.runner import Outcome, Runner, RunResult
+from worker.slots import Admission, Lease, SlotManager
+
+_log = structlog.get_logger("worker.tasks")
+
+CLIENT_GONE = "client disconnected while queued"
+SHUTTING_DOWN = "Task cancelled: the worker is shutting down"
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookTarget:
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """A validated task, ready to queue."""
+
+    task_id: str
+    function: FunctionSpec
+    params: dict[str, Any]
+    priority: int = 1
+    mode: Mode = "sync"
+    webhook: WebhookTarget | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """What became of an accepted task."""
+
+    task_id: str
+    outcome: Outcome
+    value: Any = None
+    error: str | None = None
+    queue_wait: float = 0.0
+    run_time: float = 0.0
+
+
+class Job:
+    """One accepted task in flight; `running` turns true when it holds a slot."""
+
+    __slots__ = ("admission", "running", "spec", "task")
+
+    def __init__(self, spec: TaskSpec, admission: Admission) -> None:
+        self.spec = spec
+        self.admission = admission
+        self.running = False
+        self.task: asyncio.Task[TaskResult]
+
+    def abandon(self) -> None:
+        """The client left: a queued task leaves the queue; a running one runs to completion."""
+        if not self.running:
+            self.task.cancel(CLIENT_GONE)
+
+    async def result(self) -> TaskResult:
+        """Wait for the outcome on behalf of the client; if the client goes, abandon the task."""
+        try:
+            return await asyncio.shield(self.task)
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            if self.task.cancelled() and caller is not None and not caller.cancelling():
+                # Cancelled before it ever ran (shutdown deadline); the client is still here.
+                return TaskResult(self.spec.task_id, Outcome.CANCELLED, error=SHUTTING_DOWN)
+            self.abandon()
+            raise
+
+
+class Dispatcher:
+    """Owns every accepted task until it has an outcome."""
+
+    def __init__(self, slots: SlotManager, runner: Runner) -> None:
+        self.slots = slots
+        self.runner = runner
+        self.counts: Counter[Outcome] = Counter()
+        self._jobs: set[Job] = set()
+        self._all_done = asyncio.Event()
+        self._all_done.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._jobs)
+
+    def submit(self, spec: TaskSpec, stream: StreamWriter | None = None) -> Job:
+        """Queue a task (raises Unavailable when the worker cannot take it) and start its job."""
+        job = Job(spec, self.slots.admit(spec.priority))
+        job.task = asyncio.create_task(self._run(job, stream))
+        self._jobs.add(job)
+        self._all_done.clear()
+        job.task.add_done_callback(lambda _: self._forget(job))
+        return job
+
+    def _forget(self, job: Job) -> None:
+        if job.task.cancelled():
+            # Cancelled before its first step, so _run never saw it: give back its place here.
+            job.admission.abandon()
+            self.counts[Outcome.CANCELLED] += 1
+            _log.info("task", task_id=job.spec.task_id, outcome="cancelled", error="before start")
+        self._jobs.discard(job)
+        if not self._jobs:
+            self._all_done.set()
+
+    async def wait_done(self) -> None:
+        """Return once every accepted task has an outcome."""
+        await self._all_done.wait()
+
+    def cancel_all(self, reason: str = SHUTTING_DOWN) -> int:
+        """Cancel every task still queued or running; returns how many were cancelled."""
+        for job in self._jobs:
+            job.task.cancel(reason)
+        return len(self._jobs)
+
+    async def _run(self, job: Job, stream: StreamWriter | None) -> TaskResult:
+        spec = job.spec
+        log = _log.bind(task_id=spec.task_id, function=spec.function.name)
+        ctx = TaskContext(spec.task_id, spec.function.name, spec.priority, spec.mode, stream, log)
+        accepted = time.monotonic()
+        started: float | None = None
+        lease: Lease | None = None
+        result = RunResult(Outcome.CANCELLED)
+        try:
+            lease = await job.admission.lease()
+            job.running = True
+            started = time.monotonic()
+            result = await self.runner.run(spec.function, spec.params, ctx)
+        except asyncio.CancelledError as exc:
+            reason = exc.args[0] if exc.args else SHUTTING_DOWN
+            result = RunResult(Outcome.CANCELLED, error=str(reason))
+        finally:
+            if lease is not None:
+                if result.overrun is not None:
+                    lease.release_when_done(result.overrun)
+                else:
+                    lease.release()
+        ended = time.monotonic()
+        queue_wait = (started or ended) - accepted
+        run_time = ended - started if started is not None else 0.0
+        self.counts[result.outcome] += 1
+        self._log_summary(log, spec, result, queue_wait, run_time)
+        return TaskResult(
+            spec.task_id, result.outcome, result.value, result.error, queue_wait, run_time
+        )
+
+    @staticmethod
+    def _log_summary(
+        log: Any, spec: TaskSpec, result: RunResult, queue_wait: float, run_time: float
+    ) -> None:
+        fields: dict[str, Any] = {
+            "outcome": result.outcome.value,
+            "priority": spec.priority,
+            "mode": spec.mode,
+            "queue_wait_ms": round(queue_wait * 1000, 2),
+            "run_time_ms": round(run_time * 1000, 2),
+        }
+        if result.attempts > 1:
+            fields["attempts"] = result.attempts
+        if result.outcome is Outcome.SUCCEEDED:
+            log.info("task", **fields)
+            if spec.function.log_result:
+                log.debug("task result", result=repr(result.value)[:500])
+        elif result.outcome is Outcome.CANCELLED and result.error == CLIENT_GONE:
+            log.info("task", **fields, error=result.error)
+        else:
+            log.warning("task", **fields, error=result.error)
