@@ -43,13 +43,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def config(port: int, slots: int = 3, state_dir: str = "/var/lib/base-worker") -> str:
+def config(port: int, slots: int = 3) -> str:
+    """No state_dir: the daemon takes $STATE_DIRECTORY from the unit's StateDirectory=."""
     return f"""\
 [worker]
 slots = {slots}
 drain_timeout = 30.0
 functions = ["worker.examples", "{FUNCTIONS_FILE}"]
-state_dir = "{state_dir}"
 
 [http]
 host = "127.0.0.1"
@@ -196,7 +196,7 @@ def test_reload_applies_slot_count(worker: Worker) -> None:
 
 
 def test_maintenance_survives_restart(worker: Worker) -> None:
-    """[worker] state_dir in the StateDirectory= is writable under the sandbox."""
+    """Maintenance mode is kept in the unit's StateDirectory=, writable under the sandbox."""
     worker.running()
     assert http(worker.port, "POST", "/off")[0] == 200
     worker.systemctl("restart", UNIT)
@@ -255,7 +255,7 @@ def test_journal_priority_filter(worker: Worker) -> None:
 def test_template_instance(worker: Worker) -> None:
     """base-worker@NAME.service: its own config /etc/base-worker/NAME.toml and state directory."""
     port = free_port()
-    text = config(port, slots=2, state_dir="/var/lib/base-worker/second")
+    text = config(port, slots=2)
     worker.box.write("/etc/base-worker/second.toml", text, mode="0640", owner="root:base-worker")
     unit = "base-worker@second.service"
     try:
