@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -164,6 +165,17 @@ def worker(nspawn_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         result = Worker(box, free_port())
         result.configure()
         yield result
+
+
+def test_units_verify_and_rate_in_place(worker: Worker) -> None:
+    """Where /opt/base-worker really exists, verify needs no stub, and the loaded unit is rated."""
+    for unit in ("base-worker.service", "base-worker@example.service", "base-worker.socket"):
+        proc = worker.box.run("systemd-analyze", "verify", unit, check=False)
+        assert (proc.returncode, proc.stdout + proc.stderr) == (0, ""), unit
+    out = worker.box.run("systemd-analyze", "security", "--no-pager", UNIT).stdout
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
+    assert match, out
+    assert float(match.group(1)) <= 1.5, out
 
 
 def test_start_is_active_with_status(worker: Worker) -> None:
