@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -74,6 +75,24 @@ def _root_is_current(root: Path) -> bool:
         return False
 
 
+def sweep_stale_copies() -> None:
+    """Remove ephemeral root copies left by a systemd-nspawn that was killed.
+
+    systemd-nspawn --ephemeral copies the root to ``.#machine.<name><random>`` beside it and holds a
+    POSIX lock on ``.#.#machine.<name><random>.lck`` while the container runs: a copy whose lock can
+    be taken belongs to no running container.
+    """
+    for copy in CACHE_DIR.glob(".#machine.*"):
+        lock_path = CACHE_DIR / f".#{copy.name}.lck"
+        try:
+            with open(lock_path, "a") as lock:
+                fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(copy, ignore_errors=True)
+            lock_path.unlink(missing_ok=True)
+        except OSError:
+            continue  # in use by a running container
+
+
 def ensure_root(log: Callable[[str], None] = print) -> Path:
     """The cached bookworm root, built with debootstrap if missing or from an older recipe.
 
@@ -84,6 +103,7 @@ def ensure_root(log: Callable[[str], None] = print) -> Path:
     root = CACHE_DIR / f"{SUITE}-root"
     with open(CACHE_DIR / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        sweep_stale_copies()
         if _root_is_current(root):
             return root
         for stale in CACHE_DIR.glob("build.*"):
@@ -225,9 +245,16 @@ class Container:
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+            # Killing the container's PID 1 ends its PID namespace; nspawn then cleans up itself.
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
         self.proc = None
+        sweep_stale_copies()
         shutil.rmtree(self._log_dir, ignore_errors=True)
 
 
