@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from worker.http import RUNTIME, add_routes, error_middleware
+from worker.lb_client import OutboundClient
+from worker.lb_server import InboundServer
 from worker.runtime import Runtime
 
 
@@ -19,9 +21,30 @@ def build_app(runtime: Runtime) -> web.Application:
     app[RUNTIME] = runtime
     add_routes(app)
     app.cleanup_ctx.append(_thread_pool)
+    app.cleanup_ctx.append(_load_balancer_links)
     return app
 
 
 async def _thread_pool(app: web.Application) -> AsyncIterator[None]:
     yield
     app[RUNTIME].runner.close()
+
+
+async def _load_balancer_links(app: web.Application) -> AsyncIterator[None]:
+    """The inbound websocket server and the outbound link, up before READY=1, closed last."""
+    runtime = app[RUNTIME]
+    cfg = runtime.config
+    server = InboundServer(runtime)
+    if cfg.load_balancer.websocket_port:
+        await server.start(cfg.http.host, cfg.load_balancer.websocket_port)
+    client = OutboundClient(runtime)
+    client.start()
+    runtime.health_sections["loadBalancer"] = lambda: {
+        **client.health(),
+        "inbound": server.health(),
+    }
+    try:
+        yield
+    finally:
+        await client.close()
+        await server.close()

@@ -52,12 +52,20 @@ class TaskEnvelopeSchema(Schema):
 ENVELOPE = TaskEnvelopeSchema()
 
 
+def _not_json(constant: str) -> Any:
+    """Python's parser accepts NaN and Infinity; JSON has no such numbers (and NaN slips past
+    every min/max check)."""
+    raise ValueError(f"{constant} is not JSON")
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object, or a 400 saying what it is instead."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        body = json.loads(raw, parse_constant=_not_json)
+    except ValueError:  # also JSONDecodeError and UnicodeDecodeError
         raise BadRequest("Request body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("Request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("Request body must be a JSON object")
     return body

@@ -65,7 +65,7 @@ def _field(name: str, spec: Mapping[str, Any]) -> fields.Field:
         return StrictBoolean(**options)
     if kind == "object":
         return fields.Dict(**options)
-    return fields.List(fields.Raw(), **options)
+    return fields.List(fields.Raw(allow_none=True), **options)  # JSON arrays may hold null
 
 
 def compile_params(function_name: str, params: Mapping[str, Mapping[str, Any]]) -> Schema:

@@ -32,6 +32,8 @@ class Runtime:
         self.dispatcher = Dispatcher(self.slots, self.runner)
         # Extra sections of the detailed /health, filled by the parts that own them.
         self.health_sections: dict[str, Callable[[], Any]] = {}
+        # Called as hook(old, new) after a reload was applied (the load balancer link).
+        self.reload_hooks: list[Callable[[Config, Config], None]] = []
 
     def set_maintenance(self, on: bool) -> None:
         """POST /off and /on; refused while draining for shutdown."""
@@ -81,7 +83,9 @@ class Runtime:
 
     def apply(self, config: Config) -> None:
         """Take the settings of a reloaded config that can change while tasks run."""
-        self.config = config
+        old, self.config = self.config, config
         self.slots.resize(config.worker.slots)
         self.slots.set_max_queue(config.worker.max_queue)
         self.runner.default_timeout = config.worker.default_timeout
+        for hook in list(self.reload_hooks):
+            hook(old, config)

@@ -100,3 +100,37 @@ async def not_json(params: dict[str, Any], ctx: Any) -> object:
 @tag("test-tag")
 async def test_tag() -> str:
     return "tag-value"
+
+
+@function
+def thread_name(params: dict[str, Any], ctx: Any) -> str:
+    """A plain `def`: runs in the worker's thread pool."""
+    import threading
+
+    return threading.current_thread().name
+
+
+@function
+async def loop_thread_name(params: dict[str, Any], ctx: Any) -> str:
+    """An `async def`: runs on the event loop's thread."""
+    import threading
+
+    return threading.current_thread().name
+
+
+@function
+async def numbers(params: dict[str, Any], ctx: Any) -> AsyncIterator[int]:
+    """A generator of non-strings: collected as a list outside mode stream."""
+    for value in (1, 2, 3):
+        yield value
+
+
+@function
+async def context(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    return {
+        "task_id": ctx.task_id,
+        "function": ctx.function,
+        "priority": ctx.priority,
+        "mode": ctx.mode,
+        "stream": ctx.stream is None,
+    }
