@@ -27,6 +27,7 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy
 
 test: lint
+	bash .ci/system-deps
 	$(BIN)/python -m pytest
 
 clean:
