@@ -155,7 +155,7 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         return "a list of strings"
-    if tp is Mapping[str, str]:
+    if tp == Mapping[str, str]:
         return "a table of strings"
     return {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}[tp]
 
@@ -210,7 +210,7 @@ def _check(opt: Option, value: Any) -> Any:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(problem)
         return tuple(value)
-    if tp is Mapping[str, str]:
+    if tp == Mapping[str, str]:
         if not isinstance(value, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()
         ):
