@@ -42,7 +42,7 @@ def task(function: str, contract: int = 1, **fields: Any) -> dict[str, Any]:
     return {"function": function, "contract": contract, **fields}
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:  # noqa: ASYNC109
     """Poll `predicate` on the event loop until it holds, failing after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():
