@@ -20,8 +20,8 @@ check: $(BIN)/.installed
 	$(BIN)/base-worker --check --config $(CONFIG)
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check worker tests bench
-	$(BIN)/ruff format --check worker tests bench
+	$(BIN)/ruff check worker tests $(wildcard bench)
+	$(BIN)/ruff format --check worker tests $(wildcard bench)
 	$(BIN)/mypy
 
 test: lint

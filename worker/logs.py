@@ -36,6 +36,7 @@ def mask_credentials(line: str) -> str:
         return line
     return _CREDENTIAL.sub(lambda m: f"{m[1]}{m[2]}{m[3] or ''}{MASK}", line)
 
+
 Listener = Callable[[str], None]
 
 

@@ -201,7 +201,7 @@ def _task_operation(inputs: dict[str, str]) -> dict[str, Any]:
                         ),
                         "requestBody": {
                             "required": True,
-                            "content": {_JSON: {"schema": DeliverySchema}},
+                            "content": {_JSON: {"schema": _ref("Delivery")}},
                         },
                         "responses": {"200": {"description": "Any 2xx: delivered."}},
                     }
@@ -336,6 +336,7 @@ def build_spec(registry: Registry, plugin: Any) -> Any:
         },
     )
     spec.components.schema("TaskEnvelope", schema=TaskEnvelopeSchema)
+    spec.components.schema("Delivery", schema=DeliverySchema)  # apispec skips callbacks
     inputs = input_components(registry)
     for function, component in inputs.items():
         # Unknown input keys are rejected.

@@ -75,6 +75,7 @@ def request_headers(spec: TaskSpec, body: bytes, settings: WebhookSection) -> CI
             headers[name] = value  # replaces case-insensitively
     headers["Content-Type"] = "application/json"
     headers["X-Task-Id"] = spec.task_id
+    headers.popall("X-Signature-256", None)  # only the worker signs
     if settings.secret:
         headers["X-Signature-256"] = signature(settings.secret, body)
     return headers
