@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import AUTH, Worker, task, wait_for
+from worker.runner import Outcome
 from worker.runtime import Runtime
 
 StartWorker = Callable[..., Awaitable[Worker]]
@@ -135,6 +136,7 @@ async def test_a_client_that_hangs_up_cancels_the_stream_and_frees_its_slot(
     written = testing.PROGRESS.get("hang-up", 0)
     assert written < 4999
     assert runtime.dispatcher.in_flight == 0
+    assert runtime.dispatcher.counts == {Outcome.CANCELLED: 1}
     # The freed slot serves the next task.
     async with client.post("/task", json=task("hello"), headers=AUTH) as resp:
         assert resp.status == 200
@@ -165,3 +167,19 @@ async def test_a_reader_that_stops_reading_makes_the_function_wait(
     assert received == chunks * 65536
     await wait_for(finished)
     assert runtime.slots.state().used == 0
+
+
+async def test_a_stream_whose_output_began_is_not_retried(worker_app: StartWorker) -> None:
+    client, runtime = await worker_app()
+    testing = functions_of(runtime)
+    body = task("stream_flaky", mode="stream", input={"key": "no-retry"})
+    async with client.post("/task", json=body, headers=AUTH) as resp:
+        assert await resp.content.readline() == b"attempt 1\n"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    assert testing.CALLS["no-retry"] == 1
+    # The same function in sync mode is retried as declared.
+    sync = task("stream_flaky", input={"key": "sync"})
+    async with client.post("/task", json=sync, headers=AUTH) as resp:
+        assert resp.status == 200
+    assert testing.CALLS["sync"] == 3

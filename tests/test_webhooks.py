@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -104,15 +105,15 @@ async def test_retries_on_503_until_accepted_with_signed_body_and_headers(
         input={"name": "Andera"},
         webhook={"url": hook.url, "headers": request_headers},
     )
-    async with client.post("/task", json=body, headers=AUTH) as resp:
-        assert resp.status == 202
-        accepted = await resp.json()
-        task_id = resp.headers["X-Task-Id"]
-    assert accepted["success"] is True
-    assert accepted["task_id"] == task_id
-    assert isinstance(accepted["message"], str)
-
-    await wait_for(lambda: runtime.pending_deliveries() == 0 and len(hook.calls) >= 3)
+    with structlog.testing.capture_logs() as logged:
+        async with client.post("/task", json=body, headers=AUTH) as resp:
+            assert resp.status == 202
+            accepted = await resp.json()
+            task_id = resp.headers["X-Task-Id"]
+        assert accepted["success"] is True
+        assert accepted["task_id"] == task_id
+        assert isinstance(accepted["message"], str)
+        await wait_for(lambda: runtime.pending_deliveries() == 0 and len(hook.calls) >= 3)
     assert len(hook.calls) == 3
     final = hook.calls[-1]
     assert json.loads(final.body) == {
@@ -136,6 +137,18 @@ async def test_retries_on_503_until_accepted_with_signed_body_and_headers(
     assert gaps[0] >= 0.05
     assert gaps[1] >= 0.1
     assert (await health(client))["webhooks"] == {"pending": 0, "delivered": 1, "failed": 0}
+    # Every attempt and the outcome are logged, with no header value and no URL path.
+    webhook_lines = [line for line in logged if str(line["event"]).startswith("webhook")]
+    assert [(line["event"], line.get("attempt")) for line in webhook_lines] == [
+        ("webhook attempt failed", 1),
+        ("webhook attempt failed", 2),
+        ("webhook attempt", 3),
+        ("webhook delivered", None),
+    ]
+    assert webhook_lines[0]["status"] == 503
+    everything = repr(logged)
+    for value in ("from-config", "from-request", "custom", expected, "url-secret"):
+        assert value not in everything
 
 
 async def test_a_400_is_not_retried_and_failures_are_delivered_as_errors(

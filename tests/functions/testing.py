@@ -163,3 +163,13 @@ async def log_line(params: dict[str, Any], ctx: Any) -> str:
     """Logs `text` through the task's logger."""
     ctx.log.info("function says", text=params["text"])
     return params["text"]
+
+
+@function(params={"key": {"type": "string", "required": True}}, streaming=True, max_retries=2)
+async def stream_flaky(params: dict[str, Any], ctx: Any) -> None:
+    """Writes its attempt number, then fails on its first two calls for a given key."""
+    CALLS[params["key"]] = CALLS.get(params["key"], 0) + 1
+    if ctx.stream:
+        await ctx.stream(f"attempt {CALLS[params['key']]}\n")
+    if CALLS[params["key"]] <= 2:
+        raise RuntimeError(f"attempt {CALLS[params['key']]} failed")
