@@ -183,3 +183,16 @@ async def test_a_stream_whose_output_began_is_not_retried(worker_app: StartWorke
     async with client.post("/task", json=sync, headers=AUTH) as resp:
         assert resp.status == 200
     assert testing.CALLS["sync"] == 3
+
+
+async def test_a_returned_value_is_the_last_chunk_and_must_be_json(
+    worker_app: StartWorker,
+) -> None:
+    client, _ = await worker_app()
+    body = task("sleep", mode="stream", input={"seconds": 0})
+    async with client.post("/task", json=body, headers=AUTH) as resp:
+        assert await resp.text() == '{"slept": 0}\n'
+    bad = task("stream_returns_object", mode="stream")
+    async with client.post("/task", json=bad, headers=AUTH) as resp:
+        assert resp.status == 500
+        assert "not JSON-serialisable" in (await resp.json())["error"]

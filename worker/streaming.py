@@ -103,6 +103,12 @@ class StreamAnswer:
         """End the answer according to how the task ended."""
         if self.client_gone:
             return self.response
+        if result.outcome is Outcome.SUCCEEDED and result.value is not None:
+            try:
+                chunk_text(result.value)
+            except (TypeError, ValueError) as exc:
+                error = f"Function result is not JSON-serialisable: {exc}"
+                result = TaskResult(result.task_id, Outcome.FAILED, error=error)
         if result.outcome is Outcome.SUCCEEDED:
             try:
                 if result.value is not None:  # a streaming function that returned instead

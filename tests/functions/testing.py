@@ -173,3 +173,9 @@ async def stream_flaky(params: dict[str, Any], ctx: Any) -> None:
         await ctx.stream(f"attempt {CALLS[params['key']]}\n")
     if CALLS[params["key"]] <= 2:
         raise RuntimeError(f"attempt {CALLS[params['key']]} failed")
+
+
+@function(streaming=True)
+async def stream_returns_object(params: dict[str, Any], ctx: Any) -> object:
+    """Returns (instead of streaming) something that is not JSON."""
+    return object()
