@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from worker import logtail, openapi
 from worker.http import RUNTIME, add_routes, error_middleware
 from worker.lb_client import OutboundClient
 from worker.lb_server import InboundServer
@@ -20,8 +21,13 @@ def build_app(runtime: Runtime) -> web.Application:
     )
     app[RUNTIME] = runtime
     add_routes(app)
+    app[logtail.FOLLOWERS] = set()
+    app.on_shutdown.append(logtail.stop_following)
+    if runtime.config.http.openapi:
+        openapi.add_routes(app, runtime.registry)
     app.cleanup_ctx.append(_thread_pool)
     app.cleanup_ctx.append(_load_balancer_links)
+    app.cleanup_ctx.append(_webhook_session)
     return app
 
 
@@ -48,3 +54,10 @@ async def _load_balancer_links(app: web.Application) -> AsyncIterator[None]:
     finally:
         await client.close()
         await server.close()
+
+
+async def _webhook_session(app: web.Application) -> AsyncIterator[None]:
+    deliveries = app[RUNTIME].deliveries
+    await deliveries.open()
+    yield
+    await deliveries.close()
