@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= config.example.toml
+# bench/ is linted once it exists.
+LINT_PATHS := worker tests $(wildcard bench)
 
 .PHONY: run test lint check clean bench bench-smoke
 
@@ -20,11 +22,12 @@ check: $(BIN)/.installed
 	$(BIN)/base-worker --check --config $(CONFIG)
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check worker tests bench
-	$(BIN)/ruff format --check worker tests bench
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
 
 test: lint
+	bash .ci/system-deps
 	$(BIN)/python -m pytest
 
 # Benchmarks (docs/performance.md): base-worker against a bare aiohttp baseline, on loopback

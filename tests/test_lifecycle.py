@@ -248,3 +248,74 @@ async def test_journald_lines_carry_priority_prefixes_and_no_timestamp(
     warning = next(line for line in lines if "DEV-ONLY" in line)
     assert started.startswith("<6>") and warning.startswith("<4>")
     assert not re.search(r"\d{4}-\d\d-\d\dT", started)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[str, list[int], dict[str, int]]]:
+    """A webhook receiver on loopback answering 503 to the first `fail` calls, then 200."""
+    from aiohttp import web
+
+    statuses: list[int] = []
+    settings = {"fail": 2}
+
+    async def hook(request: web.Request) -> web.Response:
+        await request.read()
+        status = 503 if len(statuses) < settings["fail"] else 200
+        statuses.append(status)
+        return web.Response(status=status)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}/hook", statuses, settings
+    await runner.cleanup()
+
+
+async def test_sigterm_waits_for_a_webhook_delivery_being_retried(
+    daemons: list[Daemon],
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    receiver: tuple[str, list[int], dict[str, int]],
+) -> None:
+    url, statuses, _ = receiver
+    daemon = await start(daemons, tmp_path, webhook={"retry_delay": 0.2, "max_retries": 3})
+    body = task("sleep", input={"seconds": 0.1}, mode="webhook", webhook={"url": url})
+    status, _ = await post_task(session, daemon, body)
+    assert status == 202
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+    assert statuses == [503, 503, 200]
+    last = json.loads(daemon.log_events()[-1])
+    assert (last["event"], last["completed"], last["undelivered"]) == ("stopped", 1, 0)
+
+
+async def test_the_drain_deadline_counts_undelivered_webhooks(
+    daemons: list[Daemon],
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    receiver: tuple[str, list[int], dict[str, int]],
+) -> None:
+    url, statuses, settings = receiver
+    settings["fail"] = 1000
+    daemon = await start(
+        daemons,
+        tmp_path,
+        worker={"drain_timeout": 0.5},
+        webhook={"retry_delay": 5.0, "max_retries": 3},
+    )
+    body = task("hello", mode="webhook", webhook={"url": url})
+    status, _ = await post_task(session, daemon, body)
+    assert status == 202
+    await poll(lambda: _true(len(statuses) >= 1))
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit() == 0
+    last = json.loads(daemon.log_events()[-1])
+    assert (last["event"], last["undelivered"]) == ("stopped", 1)
+
+
+async def _true(value: bool) -> bool:
+    return value

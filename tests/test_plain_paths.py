@@ -17,7 +17,7 @@ from worker.envelope import ENVELOPE, new_task_id, plain_envelope
 from worker.params import compile_params, validate_input
 
 VALUES: list[Any] = [None, True, False, 0, 1, -3, 2.5, 2097152, 2097153, "", "hello", [], [1], {}]
-VALUES += [{"name": "Andera"}, [None], "stream", "sync", "webhook", "x" * 40]
+VALUES += [{"name": "Andera"}, [None], [1, None], "stream", "sync", "webhook", "x" * 40]
 
 
 def schema_load(schema: Any, data: Any) -> Any:

@@ -23,7 +23,8 @@ def matches(value: str | None, key: str) -> bool:
     offered = _offered(value)
     if not key or offered is None:
         return False
-    return hmac.compare_digest(offered.encode(), key.encode())
+    # aiohttp decodes header bytes that are not UTF-8 as surrogates; they must fail, not raise.
+    return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), key.encode())
 
 
 def require_operator(headers: Mapping[str, str], keys: AuthSection) -> None:

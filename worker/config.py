@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import tomllib
@@ -35,12 +36,12 @@ def option(
     *,
     env: str | None = None,
     unit: Unit | None = None,
-    flag: bool = False,
+    flag: bool | str = False,
     minimum: float | None = None,
     maximum: float | None = None,
     help: str = "",
 ) -> Any:
-    """Declare one option: its default, environment variable, unit and bounds."""
+    """Declare one option: default, environment variable, unit, bounds; `flag` True or "--name"."""
     meta = {"env": env, "unit": unit, "flag": flag, "min": minimum, "max": maximum, "help": help}
     if isinstance(default, dict):
         frozen = types.MappingProxyType(dict(default))
@@ -57,7 +58,8 @@ class WorkerSection:
     default_timeout: float = option(30.0, env="DEFAULT_TIMEOUT", unit="ms", minimum=0.001)
     drain_timeout: float = option(60.0, minimum=0)
     functions: tuple[str, ...] = option(("worker.examples",))
-    state_dir: str = option("")
+    # systemd's StateDirectory= sets $STATE_DIRECTORY, so the unit needs no extra setting.
+    state_dir: str = option("", env="STATE_DIRECTORY")
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ class AuthSection:
 
 @dataclass(frozen=True)
 class LoggingSection:
-    level: LogLevel = option("info", env="LOG_LEVEL", flag=True, help="log level")
+    level: LogLevel = option("info", env="LOG_LEVEL", flag="--log-level", help="log level")
     max_lines: int = option(1000, env="MAX_LOGS", minimum=1)
     format: LogFormat = option("auto", help="log output format")
 
@@ -132,7 +134,8 @@ class Option:
 
     @property
     def flag(self) -> str:
-        return "--" + self.key.replace("_", "-")
+        named = self.meta["flag"]
+        return named if isinstance(named, str) else "--" + self.key.replace("_", "-")
 
 
 def _section_types() -> dict[str, type]:
@@ -155,7 +158,7 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         return "a list of strings"
-    if tp is Mapping[str, str]:
+    if tp == Mapping[str, str]:  # get_type_hints builds a new alias each time
         return "a table of strings"
     return {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}[tp]
 
@@ -210,7 +213,7 @@ def _check(opt: Option, value: Any) -> Any:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(problem)
         return tuple(value)
-    if tp is Mapping[str, str]:
+    if tp == Mapping[str, str]:
         if not isinstance(value, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()
         ):
@@ -223,8 +226,8 @@ def _check(opt: Option, value: Any) -> Any:
             value = parse_size(value)
         except ValueError as exc:
             raise ConfigError(f"{opt.name}: {exc}") from None
-    if type(value) is not tp:
-        raise ConfigError(f"{problem}, not {value!r}")
+    if type(value) is not tp or (tp is float and math.isnan(value)):
+        raise ConfigError(f"{problem}, not {value!r}")  # nan would slip past the bounds below
     low, high = opt.meta["min"], opt.meta["max"]
     if low is not None and value < low:
         raise ConfigError(f"{opt.name} must be at least {low}, not {value!r}")

@@ -57,8 +57,10 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object, or a 400 saying what it is instead."""
     try:
         body = jsoncodec.loads(raw)
-    except (UnicodeDecodeError, jsoncodec.DecodeError):
+    except ValueError:  # also JSONDecodeError, UnicodeDecodeError, and NaN or Infinity
         raise BadRequest("Request body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("Request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("Request body must be a JSON object")
     return body

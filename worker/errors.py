@@ -54,12 +54,6 @@ class PayloadTooLarge(WorkerError):
     status = 413
 
 
-class NotImplementedMode(WorkerError):
-    """A response mode this build does not serve."""
-
-    status = 501
-
-
 class Unavailable(WorkerError):
     """The worker cannot take the task now: maintenance, draining or a full queue."""
 

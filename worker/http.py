@@ -1,4 +1,5 @@
-"""The HTTP API: POST /task, GET /health, POST /on and /off, and the JSON error middleware."""
+"""The HTTP API: POST /task, GET /health, GET /logs, POST /on and /off, and the JSON error
+middleware."""
 
 from __future__ import annotations
 
@@ -8,31 +9,17 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from worker import __version__, auth, health, jsoncodec
+from worker import __version__, auth, health, logtail, streaming, webhooks
 from worker.envelope import parse_json, validate_task
-from worker.errors import (
-    NotImplementedMode,
-    PayloadTooLarge,
-    Unavailable,
-    WorkerError,
-)
-from worker.runner import Outcome
+from worker.errors import PayloadTooLarge, Unavailable, WorkerError
+from worker.responses import json_response, result_response
 from worker.runtime import Runtime
-from worker.tasks import TaskResult, TaskSpec
+from worker.tasks import TaskSpec
 
 RUNTIME = web.AppKey("runtime", Runtime)
 Answer = Callable[[web.Request, Runtime, TaskSpec], Awaitable[web.StreamResponse]]
 
 _log = structlog.get_logger("worker.http")
-_OUTCOME_STATUS = {Outcome.FAILED: 500, Outcome.TIMED_OUT: 504, Outcome.CANCELLED: 503}
-
-
-def json_response(
-    body: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        text=jsoncodec.dumps(body), status=status, headers=headers, content_type="application/json"
-    )
 
 
 @web.middleware
@@ -75,36 +62,15 @@ async def post_task(request: web.Request) -> web.StreamResponse:
     return await ANSWERS[spec.mode](request, runtime, spec)
 
 
-def result_response(result: TaskResult) -> web.Response:
-    """The sync answer for a finished task."""
-    headers = {"X-Task-Id": result.task_id}
-    if result.outcome is Outcome.SUCCEEDED:
-        try:
-            text = jsoncodec.dumps({"success": True, "result": result.value})
-        except (TypeError, ValueError) as exc:
-            body = {"success": False, "error": f"Function result is not JSON-serialisable: {exc}"}
-            return json_response(body, 500, headers)
-        return web.Response(text=text, headers=headers, content_type="application/json")
-    if result.outcome is Outcome.CANCELLED:
-        headers["Retry-After"] = "5"
-    return json_response(
-        {"success": False, "error": result.error}, _OUTCOME_STATUS[result.outcome], headers
-    )
-
-
 async def answer_sync(request: web.Request, runtime: Runtime, spec: TaskSpec) -> web.Response:
     job = runtime.dispatcher.submit(spec)
     return result_response(await job.result())
 
 
-async def answer_not_yet(request: web.Request, runtime: Runtime, spec: TaskSpec) -> web.Response:
-    raise NotImplementedMode(f"Mode '{spec.mode}' is not available in this version")
-
-
 ANSWERS: dict[str, Answer] = {
     "sync": answer_sync,
-    "stream": answer_not_yet,
-    "webhook": answer_not_yet,
+    "stream": streaming.answer,
+    "webhook": webhooks.answer,
 }
 
 
@@ -132,6 +98,10 @@ async def get_health(request: web.Request) -> web.Response:
     return json_response(body)
 
 
+async def get_logs(request: web.Request) -> web.StreamResponse:
+    return await logtail.answer(request, request.app[RUNTIME])
+
+
 async def post_off(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     auth.require_operator(request.headers, runtime.config.auth)
@@ -151,5 +121,6 @@ async def post_on(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/task", post_task)
     app.router.add_get("/health", get_health)
+    app.router.add_get("/logs", get_logs)
     app.router.add_post("/off", post_off)
     app.router.add_post("/on", post_on)

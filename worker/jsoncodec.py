@@ -1,8 +1,10 @@
-"""JSON in and out: orjson when it is installed (the `fast` extra), else the standard library.
+"""Request bodies in, log lines out: orjson when it is installed (the `fast` extra).
 
-Both paths accept and produce the same values: orjson is tried first and anything it refuses
-(integers beyond 64 bits, NaN literals, types the standard library would refuse too) goes
-through `json`, so the answer, or the error, is the one the standard library gives.
+`loads` accepts and refuses exactly what the standard library does: orjson is tried first,
+and anything it refuses (integers beyond 64 bits, deep nesting, UTF-16) goes through `json`,
+so the value, or the error, is the standard library's. NaN and Infinity are refused on both
+paths: they are not JSON. Log lines are compact JSON with orjson. Answers stay with the
+standard library (responses.py), so their text does not depend on the installed extras.
 """
 
 from __future__ import annotations
@@ -18,24 +20,22 @@ except ImportError:  # pragma: no cover - depends on the installed extras
 
 DecodeError = json.JSONDecodeError
 
-if orjson is not None:
-    _OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
-    _OPTIONS |= orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
 
-    def dumps(value: Any) -> str:
-        """`value` as compact JSON text; TypeError or ValueError when it is not JSON."""
-        try:
-            text: str = orjson.dumps(value, option=_OPTIONS).decode()
-        except TypeError:  # orjson.JSONEncodeError is a TypeError
-            return json.dumps(value)
-        return text
+def _not_json(constant: str) -> Any:
+    """Python's parser accepts NaN and Infinity; JSON has no such numbers (and NaN slips past
+    every min/max check)."""
+    raise ValueError(f"{constant} is not JSON")
+
+
+if orjson is not None:
 
     def loads(raw: bytes | str) -> Any:
-        """Parse JSON text; json.JSONDecodeError or UnicodeDecodeError when it is not."""
+        """Parse JSON text; ValueError (JSONDecodeError, UnicodeDecodeError) when it is not,
+        RecursionError when it is nested too deeply."""
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return json.loads(raw)
+            return json.loads(raw, parse_constant=_not_json)
 
     def dumps_log(value: Any, default: Callable[[Any], Any] | None = None, **_: Any) -> str:
         """The log renderer's serializer (structlog passes `default=` for odd values)."""
@@ -50,13 +50,9 @@ if orjson is not None:
     ENGINE = "orjson"
 else:  # pragma: no cover - depends on the installed extras
 
-    def dumps(value: Any) -> str:
-        """`value` as JSON text; TypeError or ValueError when it is not JSON."""
-        return json.dumps(value)
-
     def loads(raw: bytes | str) -> Any:
-        """Parse JSON text; json.JSONDecodeError or UnicodeDecodeError when it is not."""
-        return json.loads(raw)
+        """Parse JSON text; ValueError (JSONDecodeError, UnicodeDecodeError) when it is not."""
+        return json.loads(raw, parse_constant=_not_json)
 
     def dumps_log(value: Any, default: Callable[[Any], Any] | None = None, **_: Any) -> str:
         """The log renderer's serializer (structlog passes `default=` for odd values)."""

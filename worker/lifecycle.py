@@ -102,14 +102,17 @@ class Daemon:
         # 700 allocations cost more than the tasks themselves with thousands queued.
         gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
         self.notifier.ready(runtime.slots.state())
+        summary: dict[str, int] = {}
         try:
             await self._stop.wait()
-            await self._drain(runtime)
+            summary = await self._drain(runtime)
         finally:
             for task in self._tasks:
                 task.cancel()
             self.notifier.close()
             await runner.cleanup()
+        # Last, so that it is the final line whatever the parts logged while closing.
+        _log.info("stopped", **summary)
         return 0
 
     def _start(self, work: Awaitable[Any]) -> None:
@@ -198,7 +201,8 @@ class Daemon:
             _log.warning("reload: these settings need a restart", settings=", ".join(needs_restart))
         self.notifier.ready(runtime.slots.state())
 
-    async def _drain(self, runtime: Runtime) -> None:
+    async def _drain(self, runtime: Runtime) -> dict[str, int]:
+        """Finish what was accepted, up to the deadline; returns what became of it."""
         timeout = runtime.config.worker.drain_timeout
         runtime.slots.set_status("draining")
         before = runtime.dispatcher.counts.copy()
@@ -220,12 +224,11 @@ class Daemon:
                 async with asyncio.timeout(2):
                     await runtime.dispatcher.wait_done()
         after = runtime.dispatcher.counts - before
-        _log.info(
-            "stopped",
-            completed=sum(after[o] for o in Outcome if o is not Outcome.CANCELLED),
-            cancelled=after[Outcome.CANCELLED],
-            undelivered=runtime.abandon_deliveries(),
-        )
+        return {
+            "completed": sum(after[o] for o in Outcome if o is not Outcome.CANCELLED),
+            "cancelled": after[Outcome.CANCELLED],
+            "undelivered": runtime.abandon_deliveries(),
+        }
 
     async def _wait_drained(self, runtime: Runtime, deadline: float) -> bool:
         """Wait for tasks and deliveries, telling systemd to extend its stop timeout meanwhile."""

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -26,6 +27,19 @@ LEVELS["error"] = logging.ERROR
 _JOURNAL_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 _JOURNAL_PRIORITY["exception"] = 3
 MASK = "***"
+# An Authorization or x-lb-auth value, whoever renders one (a library, a function's own log).
+_CREDENTIAL = re.compile(
+    r"(?i)(authorization|x-lb-auth)(\s*[\"']?\s*[:=]\s*[\"']?\s*)((?:bearer|basic)\s+)?"
+    r"[^\s\"',;}\]]+"
+)
+
+
+def mask_credentials(line: str) -> str:
+    """`Authorization: <value>` -> `Authorization: ***`, in any quoting."""
+    if "auth" not in line.lower():
+        return line
+    return _CREDENTIAL.sub(lambda m: f"{m[1]}{m[2]}{m[3] or ''}{MASK}", line)
+
 
 Listener = Callable[[str], None]
 
@@ -70,6 +84,7 @@ class _Sink:
         for secret in self.secrets:
             if secret in line:
                 line = line.replace(secret, MASK)
+        line = mask_credentials(line)
         try:
             self.output.write(line + "\n")
         except (OSError, ValueError):

@@ -34,6 +34,15 @@ class StrictBoolean(fields.Field):
         return value
 
 
+class Pattern(validate.Regexp):
+    """`pattern` as JavaScript's RegExp.test reads it (Andera): a match anywhere in the string."""
+
+    def __call__(self, value: Any) -> Any:
+        if cast("re.Pattern[str]", self.regex).search(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
+
+
 class ParamsError(ValueError):
     """A function declared params the vocabulary does not allow."""
 
@@ -52,7 +61,7 @@ def _field(name: str, spec: Mapping[str, Any]) -> fields.Field:
     if "enum" in spec:
         checks.append(validate.OneOf(list(spec["enum"])))
     if "pattern" in spec:
-        checks.append(validate.Regexp(re.compile(spec["pattern"])))
+        checks.append(Pattern(re.compile(spec["pattern"])))
     options: dict[str, Any] = {"required": bool(spec.get("required", False)), "validate": checks}
     if "default" in spec:
         options["load_default"] = spec["default"]
@@ -65,7 +74,7 @@ def _field(name: str, spec: Mapping[str, Any]) -> fields.Field:
         return StrictBoolean(**options)
     if kind == "object":
         return fields.Dict(**options)
-    return fields.List(fields.Raw(), **options)
+    return fields.List(fields.Raw(allow_none=True), **options)  # JSON arrays may hold null
 
 
 class InputSchema(Schema):
@@ -74,7 +83,7 @@ class InputSchema(Schema):
     plain: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
 
 
-# What each param type accepts without a second look: exact JSON types, never null.
+# What each param type accepts without a second look: exact JSON types; a null param never.
 _PLAIN_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
     "number": (int, float),
@@ -110,8 +119,6 @@ def _plain_loader(
                 if types[0] is dict:
                     value = dict(value)
                 elif types[0] is list:
-                    if None in value:
-                        return None  # the schema refuses null items
                     value = list(value)
                 for check in validators:
                     try:

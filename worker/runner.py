@@ -35,6 +35,11 @@ def _error_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _output_began(ctx: TaskContext) -> bool:
+    # A stream whose output reached its client cannot be retried without repeating it.
+    return bool(getattr(ctx.stream, "began", False))
+
+
 class Runner:
     """Calls functions: coroutines on the loop, plain `def`s in threads, generators drained."""
 
@@ -56,7 +61,11 @@ class Runner:
         while True:
             attempt += 1
             result = await self._attempt(spec, params, ctx, timeout)
-            if result.outcome is not Outcome.FAILED or attempt > spec.max_retries:
+            if (
+                result.outcome is not Outcome.FAILED
+                or attempt > spec.max_retries
+                or _output_began(ctx)
+            ):
                 return RunResult(
                     result.outcome, result.value, result.error, attempt, result.overrun
                 )

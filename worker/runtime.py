@@ -15,6 +15,7 @@ from worker.logs import LogBuffer
 from worker.runner import Runner
 from worker.slots import SlotManager
 from worker.tasks import Dispatcher
+from worker.webhooks import Deliveries
 
 _log = structlog.get_logger("worker.runtime")
 MAINTENANCE_FILE = "maintenance"
@@ -30,8 +31,12 @@ class Runtime:
         self.slots = SlotManager(config.worker.slots, config.worker.max_queue)
         self.runner = Runner(config.worker.default_timeout)
         self.dispatcher = Dispatcher(self.slots, self.runner)
+        self.deliveries = Deliveries(lambda: self.config.webhook)
         # Extra sections of the detailed /health, filled by the parts that own them.
         self.health_sections: dict[str, Callable[[], Any]] = {}
+        # Called as hook(old, new) after a reload was applied (the load balancer link).
+        self.reload_hooks: list[Callable[[Config, Config], None]] = []
+        self.health_sections["webhooks"] = self.deliveries.describe
 
     def set_maintenance(self, on: bool) -> None:
         """POST /off and /on; refused while draining for shutdown."""
@@ -68,20 +73,30 @@ class Runtime:
 
     def pending_deliveries(self) -> int:
         """Webhook results accepted but not yet delivered."""
-        return 0
+        return self.deliveries.pending
 
     def abandon_deliveries(self) -> int:
         """Stop delivering; returns how many results were left undelivered."""
-        return 0
+        return self.deliveries.abandon()
 
     async def wait_drained(self) -> None:
-        """Return once no task is queued or running and no slot is held."""
-        await self.dispatcher.wait_done()
-        await self.slots.wait_idle()
+        """Return once no task is queued or running, no slot is held and no delivery pending."""
+        while True:
+            await self.dispatcher.wait_done()
+            await self.slots.wait_idle()
+            # A task that ended just now hands its result to a new delivery: look again.
+            await self.deliveries.wait_idle()
+            state = self.slots.state()
+            if not (
+                self.dispatcher.in_flight or state.used or state.queue or self.pending_deliveries()
+            ):
+                return
 
     def apply(self, config: Config) -> None:
         """Take the settings of a reloaded config that can change while tasks run."""
-        self.config = config
+        old, self.config = self.config, config
         self.slots.resize(config.worker.slots)
         self.slots.set_max_queue(config.worker.max_queue)
         self.runner.default_timeout = config.worker.default_timeout
+        for hook in list(self.reload_hooks):
+            hook(old, config)

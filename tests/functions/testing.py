@@ -100,3 +100,121 @@ async def not_json(params: dict[str, Any], ctx: Any) -> object:
 @tag("test-tag")
 async def test_tag() -> str:
     return "tag-value"
+
+
+@function
+def thread_name(params: dict[str, Any], ctx: Any) -> str:
+    """A plain `def`: runs in the worker's thread pool."""
+    import threading
+
+    return threading.current_thread().name
+
+
+@function
+async def loop_thread_name(params: dict[str, Any], ctx: Any) -> str:
+    """An `async def`: runs on the event loop's thread."""
+    import threading
+
+    return threading.current_thread().name
+
+
+@function
+async def numbers(params: dict[str, Any], ctx: Any) -> AsyncIterator[int]:
+    """A generator of non-strings: collected as a list outside mode stream."""
+    for value in (1, 2, 3):
+        yield value
+
+
+@function
+async def context(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    return {
+        "task_id": ctx.task_id,
+        "function": ctx.function,
+        "priority": ctx.priority,
+        "mode": ctx.mode,
+        "stream": ctx.stream is None,
+    }
+
+
+@function
+async def nan_result(params: dict[str, Any], ctx: Any) -> float:
+    return float("nan")
+
+
+# Mode stream and the logs (tests/test_streaming.py, tests/test_logtail.py).
+PROGRESS: dict[str, int] = {}
+
+
+@function(
+    params={
+        "gate": {"type": "string", "required": True},
+        "fail": {"type": "string", "enum": ["no", "before", "after"], "default": "no"},
+    },
+    streaming=True,
+)
+async def stream_gate(params: dict[str, Any], ctx: Any) -> None:
+    """Writes `first`, waits for its gate, writes `second`; may fail before or after output."""
+    if params["fail"] == "before":
+        raise RuntimeError("failed before any output")
+    await ctx.stream("first\n")
+    started(params["gate"]).set()
+    await gate(params["gate"]).wait()
+    if params["fail"] == "after":
+        raise RuntimeError("failed after output began")
+    await ctx.stream("second\n")
+    FINISHED.append(params["gate"])
+
+
+@function(params={"gate": {"type": "string", "required": True}}, streaming=True)
+async def stream_until_gone(params: dict[str, Any], ctx: Any) -> AsyncIterator[str]:
+    """Yields a chunk, waits for its gate, then keeps yielding (bounded) until stopped."""
+    yield "first\n"
+    await gate(params["gate"]).wait()
+    for index in range(5000):
+        PROGRESS[params["gate"]] = index
+        yield f"more {index}\n"
+        await asyncio.sleep(0.001)
+    FINISHED.append(params["gate"])
+
+
+@function(streaming=True)
+async def stream_shapes(params: dict[str, Any], ctx: Any) -> AsyncIterator[Any]:
+    """A multi-line string, then a JSON-able object."""
+    yield "line one\nline two"
+    yield {"n": 1}
+
+
+@function(
+    params={"key": {"type": "string", "required": True}, "chunks": {"type": "number"}},
+    streaming=True,
+)
+async def stream_bulk(params: dict[str, Any], ctx: Any) -> None:
+    """Writes `chunks` chunks of 64 KiB, counting them in PROGRESS[key]."""
+    block = "x" * 65536
+    for index in range(int(params["chunks"])):
+        await ctx.stream(block)
+        PROGRESS[params["key"]] = index + 1
+    FINISHED.append(params["key"])
+
+
+@function(params={"text": {"type": "string", "required": True}})
+async def log_line(params: dict[str, Any], ctx: Any) -> str:
+    """Logs `text` through the task's logger."""
+    ctx.log.info("function says", text=params["text"])
+    return params["text"]
+
+
+@function(params={"key": {"type": "string", "required": True}}, streaming=True, max_retries=2)
+async def stream_flaky(params: dict[str, Any], ctx: Any) -> None:
+    """Writes its attempt number, then fails on its first two calls for a given key."""
+    CALLS[params["key"]] = CALLS.get(params["key"], 0) + 1
+    if ctx.stream:
+        await ctx.stream(f"attempt {CALLS[params['key']]}\n")
+    if CALLS[params["key"]] <= 2:
+        raise RuntimeError(f"attempt {CALLS[params['key']]} failed")
+
+
+@function(streaming=True)
+async def stream_returns_object(params: dict[str, Any], ctx: Any) -> object:
+    """Returns (instead of streaming) something that is not JSON."""
+    return object()

@@ -1,0 +1,198 @@
+"""Mode stream against a real server: chunks as produced, SSE, failures, hang-ups, back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from types import ModuleType
+
+import aiohttp
+import pytest
+
+from tests.conftest import AUTH, Worker, task, wait_for
+from worker.runner import Outcome
+from worker.runtime import Runtime
+
+StartWorker = Callable[..., Awaitable[Worker]]
+SSE = {**AUTH, "Accept": "text/event-stream"}
+
+
+def functions_of(runtime: Runtime) -> ModuleType:
+    """The test functions module as the worker loaded it (from its file, not as a package)."""
+    spec = runtime.registry.get("stream_gate")
+    assert spec is not None
+    return sys.modules[spec.handler.__module__]
+
+
+async def test_first_chunk_arrives_while_the_function_still_runs(worker_app: StartWorker) -> None:
+    client, runtime = await worker_app()
+    testing = functions_of(runtime)
+    body = task("stream_gate", mode="stream", input={"gate": "first-chunk"})
+    async with client.post("/task", json=body, headers=AUTH) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/plain; charset=utf-8"
+        assert resp.headers["Transfer-Encoding"] == "chunked"
+        assert resp.headers["X-Task-Id"]
+        assert await resp.content.readline() == b"first\n"
+        assert "first-chunk" not in testing.FINISHED  # the function is waiting for us
+        testing.gate("first-chunk").set()
+        assert await resp.content.read() == b"second\n"
+    assert "first-chunk" in testing.FINISHED
+
+
+async def test_hello_streams_its_greeting_and_json_chunks_end_with_a_newline(
+    worker_app: StartWorker,
+) -> None:
+    client, _ = await worker_app()
+    hello = task("hello", mode="stream", input={"name": "Andera"})
+    async with client.post("/task", json=hello, headers=AUTH) as resp:
+        assert resp.status == 200
+        assert await resp.text() == "Hello Andera!"
+    async with client.post("/task", json=task("stream_shapes", mode="stream"), headers=AUTH) as r:
+        assert await r.text() == 'line one\nline two{"n": 1}\n'
+
+
+async def test_server_sent_events_frame_every_chunk_then_end(worker_app: StartWorker) -> None:
+    client, _ = await worker_app()
+    async with client.post("/task", json=task("stream_shapes", mode="stream"), headers=SSE) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        task_id = r.headers["X-Task-Id"]
+        text = await r.text()
+    end = json.dumps({"success": True, "task_id": task_id})
+    assert text == (
+        'data: line one\ndata: line two\n\ndata: {"n": 1}\n\n' + f"event: end\ndata: {end}\n\n"
+    )
+
+
+async def test_failure_after_output_is_an_error_event_in_sse(worker_app: StartWorker) -> None:
+    client, runtime = await worker_app()
+    testing = functions_of(runtime)
+    body = task("stream_gate", mode="stream", input={"gate": "sse-fail", "fail": "after"})
+    async with client.post("/task", json=body, headers=SSE) as resp:
+        assert await resp.content.readline() == b"data: first\n"
+        testing.gate("sse-fail").set()
+        rest = (await resp.read()).decode()
+    assert rest.startswith("data: \n\nevent: error\ndata: ")
+    error = json.loads(rest.split("event: error\ndata: ", 1)[1])
+    assert error == {
+        "success": False,
+        "task_id": resp.headers["X-Task-Id"],
+        "error": "failed after output began",
+    }
+
+
+async def test_failure_after_output_aborts_a_plain_stream(worker_app: StartWorker) -> None:
+    client, runtime = await worker_app()
+    testing = functions_of(runtime)
+    body = task("stream_gate", mode="stream", input={"gate": "abort", "fail": "after"})
+    async with client.post("/task", json=body, headers=AUTH) as resp:
+        assert await resp.content.readline() == b"first\n"
+        testing.gate("abort").set()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    await wait_for(lambda: runtime.slots.state().used == 0)
+    # The worker carries on.
+    async with client.post("/task", json=task("hello"), headers=AUTH) as resp:
+        assert resp.status == 200
+
+
+async def test_failure_before_output_is_a_json_error(worker_app: StartWorker) -> None:
+    client, _ = await worker_app(worker={"default_timeout": 0.2})
+    body = task("stream_gate", mode="stream", input={"gate": "early", "fail": "before"})
+    for headers in (AUTH, SSE):
+        async with client.post("/task", json=body, headers=headers) as resp:
+            assert resp.status == 500
+            assert resp.headers["X-Task-Id"]
+            assert await resp.json() == {"success": False, "error": "failed before any output"}
+    slow = task("sleep", mode="stream", input={"seconds": 5})
+    async with client.post("/task", json=slow, headers=AUTH) as resp:
+        assert resp.status == 504
+        assert (await resp.json())["error"] == "Function timed out after 0.2s"
+
+
+async def test_stream_on_a_function_without_streaming_is_refused(worker_app: StartWorker) -> None:
+    client, runtime = await worker_app()
+    async with client.post("/task", json=task("typed", mode="stream"), headers=AUTH) as resp:
+        assert resp.status == 400
+    assert runtime.dispatcher.in_flight == 0
+
+
+async def test_a_client_that_hangs_up_cancels_the_stream_and_frees_its_slot(
+    worker_app: StartWorker,
+) -> None:
+    client, runtime = await worker_app(worker={"slots": 1})
+    testing = functions_of(runtime)
+    body = task("stream_until_gone", mode="stream", input={"gate": "hang-up"})
+    resp = await client.post("/task", json=body, headers=AUTH)
+    assert await resp.content.readline() == b"first\n"
+    assert runtime.slots.state().used == 1
+    resp.close()  # drops the connection
+    testing.gate("hang-up").set()
+    await wait_for(lambda: runtime.slots.state().used == 0)
+    assert "hang-up" not in testing.FINISHED
+    written = testing.PROGRESS.get("hang-up", 0)
+    assert written < 4999
+    assert runtime.dispatcher.in_flight == 0
+    assert runtime.dispatcher.counts == {Outcome.CANCELLED: 1}
+    # The freed slot serves the next task.
+    async with client.post("/task", json=task("hello"), headers=AUTH) as resp:
+        assert resp.status == 200
+
+
+async def test_a_reader_that_stops_reading_makes_the_function_wait(
+    worker_app: StartWorker,
+) -> None:
+    client, runtime = await worker_app()
+    testing = functions_of(runtime)
+    chunks = 512  # 32 MiB: far more than the socket buffers between us hold
+    body = task("stream_bulk", mode="stream", input={"key": "slow-reader", "chunks": chunks})
+    async with client.post("/task", json=body, headers=AUTH) as resp:
+        await resp.content.readexactly(65536)
+        await wait_for(lambda: testing.PROGRESS.get("slow-reader", 0) > 1)
+
+        def finished() -> bool:
+            return "slow-reader" in testing.FINISHED
+
+        # Not reading: the writes must stall well before the end (a bounded negative wait).
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await wait_for(finished, timeout=1.0)
+        assert testing.PROGRESS["slow-reader"] < chunks
+        received = 65536
+        while data := await resp.content.read(1 << 20):
+            received += len(data)
+    assert received == chunks * 65536
+    await wait_for(finished)
+    assert runtime.slots.state().used == 0
+
+
+async def test_a_stream_whose_output_began_is_not_retried(worker_app: StartWorker) -> None:
+    client, runtime = await worker_app()
+    testing = functions_of(runtime)
+    body = task("stream_flaky", mode="stream", input={"key": "no-retry"})
+    async with client.post("/task", json=body, headers=AUTH) as resp:
+        assert await resp.content.readline() == b"attempt 1\n"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    assert testing.CALLS["no-retry"] == 1
+    # The same function in sync mode is retried as declared.
+    sync = task("stream_flaky", input={"key": "sync"})
+    async with client.post("/task", json=sync, headers=AUTH) as resp:
+        assert resp.status == 200
+    assert testing.CALLS["sync"] == 3
+
+
+async def test_a_returned_value_is_the_last_chunk_and_must_be_json(
+    worker_app: StartWorker,
+) -> None:
+    client, _ = await worker_app()
+    body = task("sleep", mode="stream", input={"seconds": 0})
+    async with client.post("/task", json=body, headers=AUTH) as resp:
+        assert await resp.text() == '{"slept": 0}\n'
+    bad = task("stream_returns_object", mode="stream")
+    async with client.post("/task", json=bad, headers=AUTH) as resp:
+        assert resp.status == 500
+        assert "not JSON-serialisable" in (await resp.json())["error"]

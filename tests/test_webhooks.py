@@ -1,0 +1,211 @@
+"""Mode webhook against a real server and a small receiver on loopback inside the test."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import structlog
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import AUTH, LB_KEY, Worker, task, wait_for
+from worker import __version__
+
+StartWorker = Callable[..., Awaitable[Worker]]
+SECRET = "webhook-signing-secret"
+
+
+@dataclass
+class Call:
+    at: float
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Receiver:
+    """Answers its calls with `script` in order (then 200); `"hang"` never answers."""
+
+    script: list[int | str]
+    calls: list[Call] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    server: TestServer | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.calls.append(Call(time.monotonic(), dict(request.headers), await request.read()))
+        answer = self.script[len(self.calls) - 1] if len(self.calls) <= len(self.script) else 200
+        if answer == "hang":
+            await self.release.wait()  # set at the end of the test
+            return web.Response(status=200)
+        assert isinstance(answer, int)
+        return web.Response(status=answer, text="receiver says hi")
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return str(self.server.make_url("/hook?token=url-secret"))
+
+
+@pytest.fixture
+async def receiver(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> Callable[[list[int | str]], Awaitable[Receiver]]:
+    started: list[Receiver] = []
+
+    async def start(script: list[int | str]) -> Receiver:
+        receiver = Receiver(script)
+        app = web.Application()
+        app.router.add_post("/hook", receiver.handle)
+        receiver.server = await aiohttp_server(app, host="127.0.0.1")
+        started.append(receiver)
+        return receiver
+
+    yield start
+    for receiver in started:
+        receiver.release.set()
+
+
+Start = Callable[[list[int | str]], Awaitable[Receiver]]
+
+
+def webhook_config(**overrides: Any) -> dict[str, Any]:
+    return {
+        "timeout": 2.0,
+        "max_retries": 3,
+        "retry_delay": 0.05,
+        "secret": SECRET,
+        "headers": {"X-Default": "from-config", "X-Override": "from-config"},
+        **overrides,
+    }
+
+
+async def health(client: Any) -> dict[str, Any]:
+    async with client.get("/health", headers=AUTH) as resp:
+        body: dict[str, Any] = await resp.json()
+        return body
+
+
+async def test_retries_on_503_until_accepted_with_signed_body_and_headers(
+    worker_app: StartWorker, receiver: Start
+) -> None:
+    hook = await receiver([503, 503])
+    client, runtime = await worker_app(webhook=webhook_config())
+    request_headers = {"X-Override": "from-request", "X-Custom": "custom"}
+    body = task(
+        "hello",
+        mode="webhook",
+        input={"name": "Andera"},
+        webhook={"url": hook.url, "headers": request_headers},
+    )
+    with structlog.testing.capture_logs() as logged:
+        async with client.post("/task", json=body, headers=AUTH) as resp:
+            assert resp.status == 202
+            accepted = await resp.json()
+            task_id = resp.headers["X-Task-Id"]
+        assert accepted["success"] is True
+        assert accepted["task_id"] == task_id
+        assert isinstance(accepted["message"], str)
+        await wait_for(lambda: runtime.pending_deliveries() == 0 and len(hook.calls) >= 3)
+    assert len(hook.calls) == 3
+    final = hook.calls[-1]
+    assert json.loads(final.body) == {
+        "task_id": task_id,
+        "function": "hello",
+        "success": True,
+        "result": {"message": "Hello Andera!"},
+    }
+    headers = final.headers
+    assert headers["Content-Type"] == "application/json"
+    assert headers["User-Agent"] == f"base-worker/{__version__}"
+    assert headers["X-Task-Id"] == task_id
+    assert headers["X-Default"] == "from-config"
+    assert headers["X-Override"] == "from-request"
+    assert headers["X-Custom"] == "custom"
+    expected = hmac.new(SECRET.encode(), final.body, hashlib.sha256).hexdigest()
+    assert headers["X-Signature-256"] == f"sha256={expected}"
+    assert all(call.body == final.body for call in hook.calls)
+    # Back-off: the n-th retry waits at least retry_delay * 2^(n-1).
+    gaps = [b.at - a.at for a, b in zip(hook.calls, hook.calls[1:], strict=False)]
+    assert gaps[0] >= 0.05
+    assert gaps[1] >= 0.1
+    assert (await health(client))["webhooks"] == {"pending": 0, "delivered": 1, "failed": 0}
+    # Every attempt and the outcome are logged, with no header value and no URL path.
+    webhook_lines = [line for line in logged if str(line["event"]).startswith("webhook")]
+    assert [(line["event"], line.get("attempt")) for line in webhook_lines] == [
+        ("webhook attempt failed", 1),
+        ("webhook attempt failed", 2),
+        ("webhook attempt", 3),
+        ("webhook delivered", None),
+    ]
+    assert webhook_lines[0]["status"] == 503
+    everything = repr(logged)
+    for value in ("from-config", "from-request", "custom", expected, "url-secret"):
+        assert value not in everything
+
+
+async def test_a_400_is_not_retried_and_failures_are_delivered_as_errors(
+    worker_app: StartWorker, receiver: Start
+) -> None:
+    hook = await receiver([400])
+    client, runtime = await worker_app(webhook=webhook_config())
+    body = task("fail", mode="webhook", input={"message": "nope"}, webhook={"url": hook.url})
+    async with client.post("/task", json=body, headers=AUTH) as resp:
+        assert resp.status == 202
+        task_id = resp.headers["X-Task-Id"]
+    await wait_for(lambda: len(hook.calls) >= 1 and runtime.pending_deliveries() == 0)
+    assert len(hook.calls) == 1
+    assert json.loads(hook.calls[0].body) == {
+        "task_id": task_id,
+        "function": "fail",
+        "success": False,
+        "error": "nope",
+    }
+    assert runtime.deliveries.failed == 1
+
+
+async def test_a_receiver_that_never_answers_times_out_and_is_retried(
+    worker_app: StartWorker, receiver: Start
+) -> None:
+    hook = await receiver(["hang"])
+    client, runtime = await worker_app(
+        webhook=webhook_config(timeout=0.3, max_retries=1, retry_delay=0.01)
+    )
+    body = task("hello", mode="webhook", webhook={"url": hook.url})
+    async with client.post("/task", json=body, headers=AUTH) as resp:
+        assert resp.status == 202
+    drained = asyncio.ensure_future(runtime.wait_drained())
+    try:
+        await wait_for(lambda: len(hook.calls) == 1)
+        # The function is done and its slot free while its delivery is still pending,
+        # and the drain waits for the delivery.
+        assert runtime.slots.state().used == 0
+        assert (await health(client))["webhooks"]["pending"] == 1
+        assert not drained.done()
+        await wait_for(lambda: runtime.deliveries.delivered == 1)
+        assert len(hook.calls) == 2
+        async with asyncio.timeout(5):
+            await drained
+    finally:
+        drained.cancel()
+    assert hook.calls[1].at - hook.calls[0].at >= 0.3
+
+
+async def test_abandoned_deliveries_are_counted(worker_app: StartWorker, receiver: Start) -> None:
+    hook = await receiver(["hang"])
+    client, runtime = await worker_app(webhook=webhook_config(timeout=30.0))
+    body = task("hello", mode="webhook", webhook={"url": hook.url})
+    async with client.post("/task", json=body, headers={**AUTH, "x-lb-auth": LB_KEY}) as resp:
+        assert resp.status == 202
+    await wait_for(lambda: len(hook.calls) == 1)
+    assert runtime.pending_deliveries() == 1
+    assert runtime.abandon_deliveries() == 1
+    await wait_for(lambda: runtime.pending_deliveries() == 0)
+    assert runtime.deliveries.failed == 1

@@ -1,0 +1,143 @@
+"""What both load balancer links say, and when: messages, close codes, and the status feed.
+
+The wire format is written down in docs/load-balancer-protocol.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from worker import __version__, health
+from worker.runtime import Runtime
+from worker.slots import SlotManager, SlotState
+
+CLOSE_UNAUTHORIZED = 4001  # inbound: missing or wrong subprotocol key
+MAX_MESSAGE = 64 * 1024  # bytes; a bigger frame from a balancer closes the link (1009)
+SEND_TIMEOUT = 10.0  # seconds; a balancer that reads nothing for this long is dropped
+MIN_GAP = 0.05  # seconds between two slot-change messages on one link; status changes skip it
+
+
+def ping_reply(state: SlotState) -> dict[str, Any]:
+    """The answer to the text `ping`, on both links."""
+    return {"status": state.status, "slots": state.as_dict()}
+
+
+def inbound_status(state: SlotState) -> dict[str, Any]:
+    """The inbound link's periodic and on-change message (the Andera worker's shape)."""
+    return {
+        "status": state.status,
+        "slots": state.as_dict(),
+        "system": health.system(),
+        "services": [],
+    }
+
+
+def outbound_status(state: SlotState) -> dict[str, Any]:
+    return {
+        "type": "status",
+        "status": state.status,
+        "slots": state.as_dict(),
+        "system": health.system(),
+    }
+
+
+def register(runtime: Runtime, state: SlotState) -> dict[str, Any]:
+    """The first message on the outbound link: who this worker is and where to reach it."""
+    cfg = runtime.config
+    return {
+        "type": "register",
+        "worker": {
+            "url": advertise_url(runtime),
+            "group": cfg.worker.group,
+            "contract": cfg.worker.contract,
+            "functions": runtime.registry.describe(),
+            "slots": state.as_dict(),
+            "status": state.status,
+            "version": __version__,
+        },
+    }
+
+
+def advertise_url(runtime: Runtime) -> str:
+    """`load_balancer.advertise_url`, else http://<http.host>:<http.port> (wildcards: hostname)."""
+    cfg = runtime.config
+    if cfg.load_balancer.advertise_url:
+        return cfg.load_balancer.advertise_url.rstrip("/")
+    host = cfg.http.host
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()  # no DNS look-up on the event loop
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{cfg.http.port}"
+
+
+def without_credentials(url: str) -> str:
+    """A URL safe for logs and /health: any `user:password@` and query string are masked."""
+    url = re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#@]*@", r"\1***@", url)
+    return re.sub(r"\?.*$", "?***", url)
+
+
+class StatusFeed:
+    """Tells one link's sender when its next status message is due.
+
+    Slot changes arrive synchronously from the SlotManager (possibly thousands a second); they
+    only set an event here. The sender then sends the state as it is *when it sends*, so a burst
+    becomes a few messages and the last one always equals the current state. Changes are
+    throttled to one message per `MIN_GAP`, except a change of status (ready, maintenance,
+    draining), which is due at once. With `period`, a message is also due that long after the
+    previous one.
+    """
+
+    def __init__(self, slots: SlotManager, period: float | None) -> None:
+        self._slots = slots
+        self._period = period
+        self._changed = asyncio.Event()
+        self._urgent = asyncio.Event()
+        self._sent_status = slots.status
+        self._sent_at = -math.inf
+        self._unsubscribe: Callable[[], None] | None = slots.subscribe(self._on_change)
+
+    def _on_change(self, state: SlotState) -> None:
+        self._changed.set()
+        if state.status != self._sent_status:
+            self._urgent.set()
+
+    def poke(self) -> None:
+        """Make a message due at once (after a reload, say)."""
+        self._changed.set()
+        self._urgent.set()
+
+    async def next(self) -> SlotState:
+        """Wait until a message is due; returns the state to put in it."""
+        loop = asyncio.get_running_loop()
+        timeout = None if self._period is None else self._sent_at + self._period - loop.time()
+        if timeout is None or timeout > 0:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+        if self._changed.is_set() and not self._urgent.is_set():
+            remaining = self._sent_at + MIN_GAP - loop.time()
+            if remaining > 0:
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._urgent.wait()
+                except TimeoutError:
+                    pass
+        self._changed.clear()
+        self._urgent.clear()
+        state = self._slots.state()
+        self._sent_status = state.status
+        self._sent_at = loop.time()
+        return state
+
+    def close(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None

@@ -1,0 +1,365 @@
+"""GET /openapi and GET /docs: the OpenAPI 3 document and Swagger UI served from local assets.
+
+The document is built once, with the application, through aiohttp-apispec from the marshmallow
+schemas that validate POST /task (the envelope and each registered function's input schema).
+Only aiohttp-apispec's documentation side is used: requests are validated by our own code, never
+by its middleware. Every endpoint is described in `OPERATIONS` below; a new endpoint is added
+there too (a test checks that every route is documented).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+from aiohttp import web
+from marshmallow import Schema, fields
+
+from worker import __version__
+from worker.envelope import MODES, TaskEnvelopeSchema
+from worker.functions import Registry
+from worker.params import Number, StrictBoolean
+
+# aiohttp-apispec 2.2.3 and the apispec 3 it needs predate current setuptools and marshmallow
+# and warn about it at import and at every use; the warnings are theirs, not ours.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from aiohttp_apispec import AiohttpApiSpec
+    from apispec import APISpec
+
+DOCUMENT_PATH = "/openapi"
+UI_PATH = "/docs"
+UI_ASSETS = "/docs/static"
+
+_JSON = "application/json"
+_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class ErrorSchema(Schema):
+    """Every error answer."""
+
+    success = fields.Boolean(required=True, metadata={"example": False})
+    error = fields.String(required=True, metadata={"description": "One readable sentence."})
+    details = fields.Dict(
+        keys=fields.String(),
+        values=fields.List(fields.String()),
+        metadata={"description": "Field (or input param) name -> messages, where fields fail."},
+    )
+
+
+class ResultSchema(Schema):
+    """A sync task's answer."""
+
+    success = fields.Boolean(required=True, metadata={"example": True})
+    result = fields.Raw(required=True, metadata={"description": "What the function returned."})
+
+
+class AcceptedSchema(Schema):
+    """A webhook task's answer, as soon as it is accepted."""
+
+    success = fields.Boolean(required=True, metadata={"example": True})
+    task_id = fields.String(required=True)
+    message = fields.String(required=True)
+
+
+class DeliverySchema(Schema):
+    """The body POSTed to `webhook.url` when the task ends."""
+
+    task_id = fields.String(required=True)
+    function = fields.String(required=True)
+    success = fields.Boolean(required=True)
+    result = fields.Raw(metadata={"description": "When success is true."})
+    error = fields.String(metadata={"description": "When success is false."})
+
+
+class SlotsSchema(Schema):
+    used = fields.Integer(required=True)
+    available = fields.Integer(required=True, metadata={"description": "0 while not ready."})
+    limit = fields.Integer(required=True)
+    queue = fields.Integer(required=True)
+
+
+class HealthSchema(Schema):
+    """GET /health: `status` for anyone, the rest with either key."""
+
+    status = fields.String(required=True, metadata={"enum": ["ready", "maintenance", "draining"]})
+    group = fields.String()
+    contract = fields.Integer()
+    websocketPort = fields.Integer()  # the Andera load balancer's field name
+    functions = fields.List(fields.Dict(), metadata={"description": '[{"name", "params"}]'})
+    services = fields.List(fields.Raw())
+    tags = fields.Dict()
+    slots = fields.Nested(SlotsSchema)
+    system = fields.Dict(metadata={"description": "uptime, cpuLoad, usedMemoryPercent"})
+    version = fields.String()
+    loadBalancer = fields.Dict()  # the Andera load balancer's field name
+    webhooks = fields.Dict(metadata={"description": "pending, delivered, failed"})
+
+
+class LogsSchema(Schema):
+    logs = fields.List(fields.String(), required=True, metadata={"description": "Oldest first."})
+
+
+class StatusSchema(Schema):
+    """POST /on and /off."""
+
+    status = fields.String(required=True, metadata={"enum": ["ready", "maintenance"]})
+    message = fields.String(required=True)
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: Any, description: str, **extra: Any) -> dict[str, Any]:
+    return {"description": description, "content": {_JSON: {"schema": schema}}, **extra}
+
+
+def _error(description: str, **headers: str) -> dict[str, Any]:
+    answer = _json(ErrorSchema, description)
+    if headers:
+        answer["headers"] = {
+            name: {"description": text, "schema": {"type": "string"}}
+            for name, text in headers.items()
+        }
+    return answer
+
+
+_TASK_ID = {"X-Task-Id": {"description": "The task's id.", "schema": {"type": "string"}}}
+_UNAUTHORIZED = _error("Missing or wrong credentials.", **{"WWW-Authenticate": "Bearer"})
+_OPERATOR: list[dict[str, list[str]]] = [{"authKey": []}, {"authKey": [], "lbAuthKey": []}]
+_EITHER_KEY: list[dict[str, list[str]]] = [{"authKey": []}, {"lbAuthKey": []}]
+
+
+def _task_operation(inputs: dict[str, str]) -> dict[str, Any]:
+    variants = [
+        {
+            "title": function,
+            "allOf": [
+                _ref("TaskEnvelope"),
+                {
+                    "type": "object",
+                    "properties": {
+                        "function": {"type": "string", "enum": [function]},
+                        "input": _ref(component),
+                    },
+                },
+            ],
+        }
+        for function, component in inputs.items()
+    ]
+    first = next(iter(inputs), "hello")
+    return {
+        "summary": "Run a function",
+        "description": (
+            "Validates the envelope and the function's input before the task takes a queue "
+            "place. Modes: `sync` answers with the result; `stream` answers with the output as "
+            "it is produced (chunked `text/plain`, or server-sent events with "
+            "`Accept: text/event-stream`); `webhook` answers 202 at once and POSTs the result "
+            "to `webhook.url` (see Callbacks). Each function's input schema is one of the "
+            "request body variants and a component named `<function>Input`."
+        ),
+        "security": _OPERATOR,
+        "requestBody": {
+            "required": True,
+            "content": {
+                _JSON: {
+                    "schema": {"oneOf": variants} if variants else _ref("TaskEnvelope"),
+                    "example": {"function": first, "input": {}, "contract": 1, "mode": "sync"},
+                }
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "sync: the result. stream: the output, chunk by chunk.",
+                "headers": _TASK_ID,
+                "content": {
+                    _JSON: {"schema": ResultSchema},
+                    "text/plain": {"schema": {"type": "string"}},
+                    "text/event-stream": {"schema": {"type": "string"}},
+                },
+            },
+            "202": _json(AcceptedSchema, "webhook: accepted.", headers=_TASK_ID),
+            "400": _error("Invalid body, envelope, contract, group, mode or input."),
+            "401": _UNAUTHORIZED,
+            "404": _error("Unknown function."),
+            "413": _error("Body over http.max_body_size."),
+            "500": _error("The function raised."),
+            "503": _error("Maintenance, draining or queue full.", **{"Retry-After": "Seconds."}),
+            "504": _error("The function ran over its timeout."),
+        },
+        "callbacks": {
+            "result": {
+                "{$request.body#/webhook/url}": {
+                    "post": {
+                        "description": (
+                            "Mode webhook: the result, with X-Task-Id, User-Agent, the "
+                            "configured and requested headers, and X-Signature-256 "
+                            "(sha256=<hex HMAC of the body>) when webhook.secret is set. "
+                            "Retried on connection errors, timeouts, 408, 429 and 5xx."
+                        ),
+                        "requestBody": {
+                            "required": True,
+                            "content": {_JSON: {"schema": _ref("Delivery")}},
+                        },
+                        "responses": {"200": {"description": "Any 2xx: delivered."}},
+                    }
+                }
+            }
+        },
+    }
+
+
+def _toggle(status: str, message: str) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        "200": _json(StatusSchema, message),
+        "401": _UNAUTHORIZED,
+    }
+    if status == "ready":
+        responses["409"] = _error("Draining for shutdown.")
+    return {"summary": message, "security": _OPERATOR, "responses": responses}
+
+
+def operations(inputs: dict[str, str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Path -> method -> OpenAPI operation, for every endpoint."""
+    return {
+        "/task": {"post": _task_operation(inputs)},
+        "/health": {
+            "get": {
+                "summary": "Worker status",
+                "description": "Anyone gets `status`; either key (in either header) the rest.",
+                "security": [{}, *_EITHER_KEY],
+                "responses": {"200": _json(HealthSchema, "Always 200.")},
+            }
+        },
+        "/logs": {
+            "get": {
+                "summary": "Recent log lines, or follow new ones",
+                "security": _EITHER_KEY,
+                "parameters": [
+                    {
+                        "name": "lines",
+                        "in": "query",
+                        "description": "Only the last N lines.",
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                    {
+                        "name": "follow",
+                        "in": "query",
+                        "description": "1: stream every new line as text/plain until you leave.",
+                        "schema": {"type": "string", "enum": ["0", "1"]},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The lines, oldest first (follow: one line per line).",
+                        "content": {
+                            _JSON: {"schema": LogsSchema},
+                            "text/plain": {"schema": {"type": "string"}},
+                        },
+                    },
+                    "400": _error("Bad lines or follow."),
+                    "401": _UNAUTHORIZED,
+                },
+            }
+        },
+        "/off": {"post": _toggle("maintenance", "Maintenance mode enabled")},
+        "/on": {"post": _toggle("ready", "Maintenance mode disabled")},
+        DOCUMENT_PATH: {
+            "get": {
+                "summary": "This document",
+                "security": [],
+                "responses": {"200": {"description": "OpenAPI 3 JSON."}},
+            }
+        },
+        UI_PATH: {
+            "get": {
+                "summary": "Swagger UI for this document",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "HTML page; its assets are served locally.",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+    }
+
+
+def input_components(registry: Registry) -> dict[str, str]:
+    """Function name -> the name of its input schema's component (`<name>Input`)."""
+    names: dict[str, str] = {}
+    for function in registry.functions:
+        base = _NAME.sub("_", function) + "Input"
+        name, index = base, 2
+        while name in names.values():
+            name, index = f"{base}{index}", index + 1
+        names[function] = name
+    return names
+
+
+def build_spec(registry: Registry, plugin: Any) -> Any:
+    """The APISpec for this worker's endpoints and functions."""
+    spec = APISpec(
+        title="base-worker",
+        version=__version__,
+        openapi_version="3.0.2",
+        plugins=(plugin,),
+        info={
+            "description": (
+                "Runs registered functions over HTTP in prioritised parallel slots. "
+                f"Modes: {', '.join(MODES)}."
+            )
+        },
+    )
+    # Our custom fields are plain JSON numbers and booleans.
+    plugin.map_to_openapi_type("number", None)(Number)
+    plugin.map_to_openapi_type("boolean", None)(StrictBoolean)
+    spec.components.security_scheme(
+        "authKey",
+        {
+            "type": "apiKey",
+            "in": "header",
+            "name": "Authorization",
+            "description": "AUTH_KEY (a `Bearer ` prefix is accepted).",
+        },
+    )
+    spec.components.security_scheme(
+        "lbAuthKey",
+        {
+            "type": "apiKey",
+            "in": "header",
+            "name": "x-lb-auth",
+            "description": "LB_AUTH_KEY (a `Bearer ` prefix is accepted).",
+        },
+    )
+    spec.components.schema("TaskEnvelope", schema=TaskEnvelopeSchema)
+    spec.components.schema("Delivery", schema=DeliverySchema)  # apispec skips callbacks
+    inputs = input_components(registry)
+    for function, component in inputs.items():
+        # Unknown input keys are rejected.
+        closed = {"additionalProperties": False}
+        spec.components.schema(component, closed, schema=registry.functions[function].schema)
+    for path, operation in operations(inputs).items():
+        spec.path(path=path, operations=operation)
+    return spec
+
+
+def add_routes(app: web.Application, registry: Registry) -> None:
+    """Serve the document at /openapi and Swagger UI (local assets) at /docs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # aiohttp-apispec keeps its state under plain string keys of the app.
+        warnings.simplefilter("ignore", web.NotAppKeyWarning)
+        docs = AiohttpApiSpec(
+            url=DOCUMENT_PATH,
+            swagger_path=UI_PATH,
+            static_path=UI_ASSETS,
+            title="base-worker",
+            version=__version__,
+        )
+        # It hard-codes OpenAPI 2; the document we want is OpenAPI 3.
+        docs.spec = build_spec(registry, docs.plugin)
+        docs.register(app, in_place=True)

@@ -1,0 +1,152 @@
+"""Mode stream: a function's chunks reach the client as they are produced.
+
+Plain chunked `text/plain`, or server-sent events when the client accepts `text/event-stream`.
+The response is opened at the first chunk, so a function that fails before writing anything
+gets the ordinary JSON error answer. Once output has begun, a failure aborts a plain stream (no
+clean end of the chunked body, so no client mistakes it for success) and ends an event stream
+with `event: error`. A client that hangs up cancels the function at its next write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+from typing import Any
+
+from aiohttp import web
+
+from worker.responses import result_response
+from worker.runner import Outcome
+from worker.runtime import Runtime
+from worker.tasks import Job, TaskResult, TaskSpec
+
+EVENT_STREAM = "text/event-stream"
+CLIENT_GONE = "client disconnected from the stream"
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def wants_events(request: web.Request) -> bool:
+    """True when the client asked for server-sent events."""
+    accept = request.headers.get("Accept", "")
+    return any(part.split(";")[0].strip().lower() == EVENT_STREAM for part in accept.split(","))
+
+
+def chunk_text(chunk: Any) -> str:
+    """A chunk as text: strings as they are, bytes as UTF-8, anything else as JSON."""
+    if isinstance(chunk, str):
+        return chunk
+    if isinstance(chunk, bytes | bytearray):
+        return bytes(chunk).decode("utf-8", errors="replace")
+    return json.dumps(chunk)
+
+
+def event_frame(data: str, event: str | None = None) -> bytes:
+    """One server-sent event; a multi-line chunk becomes several `data:` lines."""
+    lines = [f"event: {event}"] if event else []
+    lines += [f"data: {line}" for line in _LINE_BREAK.split(data)]
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+class StreamAnswer:
+    """The HTTP side of one streamed task; the task's `ctx.stream` is this object."""
+
+    def __init__(self, request: web.Request, task_id: str, events: bool) -> None:
+        self.request = request
+        self.task_id = task_id
+        self.events = events
+        self.job: Job | None = None
+        self.client_gone = False
+        self._lock = asyncio.Lock()
+        self.response = web.StreamResponse(headers={"X-Task-Id": task_id})
+        self.response.content_type = EVENT_STREAM if events else "text/plain"
+        self.response.charset = "utf-8"
+        self.response.headers["Cache-Control"] = "no-cache"
+        if events:
+            self.response.headers["X-Accel-Buffering"] = "no"  # proxies: do not hold events back
+
+    @property
+    def began(self) -> bool:
+        """True once output may have reached the client (the runner then never retries)."""
+        return self.response.prepared
+
+    async def __call__(self, chunk: Any) -> None:
+        """Send one chunk now; waits while the client is slow to read (aiohttp drains)."""
+        text = chunk_text(chunk)
+        if self.events:
+            data = event_frame(text)
+        else:
+            data = (text if isinstance(chunk, str | bytes | bytearray) else text + "\n").encode()
+        await self._send(data)
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            async with self._lock:
+                if not self.response.prepared:
+                    await self.response.prepare(self.request)
+                await self.response.write(data)
+        except ConnectionError:
+            self.client_gone = True
+            raise self._hang_up() from None
+
+    def _hang_up(self) -> BaseException:
+        """Cancel the task whose client left; the writer in its own task is cancelled directly
+        (cancelling the running task from inside would only land at its next await)."""
+        task = self.job.task if self.job is not None else None
+        if task is None or task is asyncio.current_task():
+            return asyncio.CancelledError(CLIENT_GONE)
+        task.cancel(CLIENT_GONE)
+        return ConnectionResetError(CLIENT_GONE)
+
+    async def finish(self, result: TaskResult) -> web.StreamResponse:
+        """End the answer according to how the task ended."""
+        if self.client_gone:
+            return self.response
+        if result.outcome is Outcome.SUCCEEDED and result.value is not None:
+            try:
+                chunk_text(result.value)
+            except (TypeError, ValueError) as exc:
+                error = f"Function result is not JSON-serialisable: {exc}"
+                result = TaskResult(result.task_id, Outcome.FAILED, error=error)
+        if result.outcome is Outcome.SUCCEEDED:
+            try:
+                if result.value is not None:  # a streaming function that returned instead
+                    await self(result.value)
+                await self._end("end", {"success": True, "task_id": self.task_id})
+            except ConnectionError:
+                pass  # the client left during the last words; the outcome is already logged
+            return self.response
+        if not self.began:
+            return result_response(result)
+        if self.events:
+            body = {"success": False, "task_id": self.task_id, "error": result.error}
+            with contextlib.suppress(ConnectionError):
+                await self._end("error", body)
+            return self.response
+        # No terminating chunk: the client sees a broken body, never a complete one.
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
+        return self.response
+
+    async def _end(self, event: str, body: dict[str, Any]) -> None:
+        if self.events:
+            await self._send(event_frame(json.dumps(body), event))
+        elif not self.response.prepared:
+            await self.response.prepare(self.request)
+        await self.response.write_eof()
+
+
+async def answer(request: web.Request, runtime: Runtime, spec: TaskSpec) -> web.StreamResponse:
+    """Run the task with its output streamed to this request."""
+    stream = StreamAnswer(request, spec.task_id, wants_events(request))
+    job = runtime.dispatcher.submit(spec, stream=stream)
+    stream.job = job
+    try:
+        result = await job.result()
+    except asyncio.CancelledError:
+        # The client left (handler cancelled): unlike sync, a stream stops with its client.
+        job.task.cancel(CLIENT_GONE)
+        raise
+    return await stream.finish(result)

@@ -1,0 +1,240 @@
+"""Mode webhook: the task is accepted at once and its result POSTed to the caller's URL.
+
+A delivery starts when the function ends (its slot is already free by then) and runs apart from
+the task, through one shared client session, retrying on connection errors, timeouts, 408, 429
+and 5xx with exponential back-off. Pending deliveries are tracked so that the drain on shutdown
+can wait for them. Every attempt and the final outcome are logged; header values never are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from worker import __version__
+from worker.config import WebhookSection
+from worker.responses import json_response
+from worker.runner import Outcome
+from worker.tasks import SHUTTING_DOWN, Job, TaskResult, TaskSpec
+
+if TYPE_CHECKING:
+    from worker.runtime import Runtime
+
+_log = structlog.get_logger("worker.webhooks")
+
+MAX_RETRY_AFTER = 60.0  # seconds; a receiver's Retry-After longer than this is not honoured
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """How one POST went: delivered, or why not and whether to try again."""
+
+    delivered: bool
+    retry: bool
+    status: int | None = None
+    error: str | None = None
+    retry_after: float = 0.0
+
+
+def payload(spec: TaskSpec, result: TaskResult) -> bytes:
+    """The body POSTed for a finished task, exactly as signed and sent."""
+    body: dict[str, Any] = {"task_id": spec.task_id, "function": spec.function.name}
+    if result.outcome is Outcome.SUCCEEDED:
+        try:
+            return json.dumps({**body, "success": True, "result": result.value}).encode()
+        except (TypeError, ValueError) as exc:
+            error = f"Function result is not JSON-serialisable: {exc}"
+    else:
+        error = result.error or result.outcome.value
+    return json.dumps({**body, "success": False, "error": error}).encode()
+
+
+def signature(secret: str, body: bytes) -> str:
+    """The `X-Signature-256` value: HMAC-SHA256 of the exact body bytes."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def request_headers(spec: TaskSpec, body: bytes, settings: WebhookSection) -> CIMultiDict[str]:
+    """Configured headers, overridden by the request's own; the worker's own headers last."""
+    headers: CIMultiDict[str] = CIMultiDict({"User-Agent": f"base-worker/{__version__}"})
+    custom = spec.webhook.headers if spec.webhook is not None else {}
+    for source in (settings.headers, custom):
+        for name, value in source.items():
+            headers[name] = value  # replaces case-insensitively
+    headers["Content-Type"] = "application/json"
+    headers["X-Task-Id"] = spec.task_id
+    headers.popall("X-Signature-256", None)  # only the worker signs
+    if settings.secret:
+        headers["X-Signature-256"] = signature(settings.secret, body)
+    return headers
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return min(max(float(value or 0), 0.0), MAX_RETRY_AFTER)
+    except ValueError:
+        return 0.0  # an HTTP date: the back-off alone will do
+
+
+def _target(url: str) -> str:
+    # Only the origin is logged: paths and queries of webhook URLs often carry tokens.
+    try:
+        return str(URL(url).origin())
+    except ValueError:
+        return "<invalid URL>"
+
+
+class Deliveries:
+    """Every webhook result not yet delivered, and the client session that delivers them."""
+
+    def __init__(self, settings: Callable[[], WebhookSection]) -> None:
+        # Read at the start of each delivery, so a reload applies to the next ones.
+        self._settings = settings
+        self._session: aiohttp.ClientSession | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.delivered = 0
+        self.failed = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def describe(self) -> dict[str, int]:
+        """The `webhooks` section of the detailed /health."""
+        return {"pending": self.pending, "delivered": self.delivered, "failed": self.failed}
+
+    async def open(self) -> None:
+        self._session = aiohttp.ClientSession()
+
+    async def close(self) -> None:
+        """Stop delivering (whatever is left is logged as undelivered) and close the session."""
+        self.abandon()
+        if self._pending:
+            await asyncio.wait(self._pending)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def follow(self, job: Job) -> None:
+        """Deliver the job's result as soon as its function ends."""
+        job.task.add_done_callback(lambda task: self._start(job.spec, _result_of(job.spec, task)))
+
+    def abandon(self) -> int:
+        """Cancel every pending delivery; returns how many results were left undelivered."""
+        for delivery in self._pending:
+            delivery.cancel("the worker is stopping")
+        return len(self._pending)
+
+    async def wait_idle(self) -> None:
+        """Return once no delivery is pending."""
+        await self._idle.wait()
+
+    def _start(self, spec: TaskSpec, result: TaskResult) -> None:
+        delivery = asyncio.get_running_loop().create_task(self._deliver(spec, result))
+        self._pending.add(delivery)
+        self._idle.clear()
+        delivery.add_done_callback(self._forget)
+
+    def _forget(self, delivery: asyncio.Task[None]) -> None:
+        self._pending.discard(delivery)
+        if not self._pending:
+            self._idle.set()
+
+    async def _deliver(self, spec: TaskSpec, result: TaskResult) -> None:
+        assert spec.webhook is not None
+        settings = self._settings()
+        url = spec.webhook.url
+        body = payload(spec, result)
+        headers = request_headers(spec, body, settings)
+        attempts = 1 + settings.max_retries
+        log = _log.bind(task_id=spec.task_id, function=spec.function.name, target=_target(url))
+        attempt = 0
+        try:
+            for attempt in range(1, attempts + 1):
+                began = time.monotonic()
+                outcome = await self._post(url, body, headers, settings.timeout)
+                fields: dict[str, Any] = {
+                    "attempt": attempt,
+                    "of": attempts,
+                    "status": outcome.status,
+                    "elapsed_ms": round((time.monotonic() - began) * 1000, 2),
+                }
+                if outcome.delivered:
+                    log.info("webhook attempt", **fields)
+                    self.delivered += 1
+                    log.info("webhook delivered", attempts=attempt)
+                    return
+                log.warning("webhook attempt failed", **fields, error=outcome.error)
+                if not outcome.retry or attempt == attempts:
+                    break
+                # The n-th retry waits retry_delay * 2^(n-1), or longer if the receiver asks.
+                delay = settings.retry_delay * 2 ** (attempt - 1)
+                await asyncio.sleep(max(delay, outcome.retry_after))
+        except asyncio.CancelledError:
+            self.failed += 1
+            log.warning("webhook undelivered", attempts=attempt, error="the worker is stopping")
+            raise
+        self.failed += 1
+        log.warning("webhook undelivered", attempts=attempt, error=outcome.error)
+
+    async def _post(
+        self, url: str, body: bytes, headers: CIMultiDict[str], seconds: float
+    ) -> Attempt:
+        if self._session is None:
+            return Attempt(False, False, error="the worker is stopping")
+        try:
+            async with self._session.post(
+                url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=seconds),
+                allow_redirects=False,
+            ) as answer:
+                status = answer.status
+                retry_after = _retry_after(answer.headers.get("Retry-After"))
+        except TimeoutError:
+            return Attempt(False, True, error=f"no answer within {seconds:g}s")
+        except aiohttp.ClientError as exc:
+            return Attempt(False, True, error=f"{type(exc).__name__}: {exc}")
+        except ValueError:
+            # aiohttp refuses a malformed header or URL; its message may quote the value.
+            return Attempt(False, False, error="invalid webhook URL or header")
+        if 200 <= status < 300:
+            return Attempt(True, False, status)
+        retry = status in (408, 429) or status >= 500
+        return Attempt(False, retry, status, f"HTTP {status}", retry_after)
+
+
+def _result_of(spec: TaskSpec, task: asyncio.Task[TaskResult]) -> TaskResult:
+    if task.cancelled():
+        return TaskResult(spec.task_id, Outcome.CANCELLED, error=SHUTTING_DOWN)
+    failure = task.exception()
+    if failure is not None:
+        return TaskResult(spec.task_id, Outcome.FAILED, error=f"internal error: {failure!r}")
+    return task.result()
+
+
+async def answer(request: web.Request, runtime: Runtime, spec: TaskSpec) -> web.Response:
+    """202 as soon as the task is accepted; the result follows by POST to `webhook.url`."""
+    job = runtime.dispatcher.submit(spec)
+    runtime.deliveries.follow(job)
+    body = {
+        "success": True,
+        "task_id": spec.task_id,
+        "message": "Task accepted; its result will be POSTed to the webhook URL",
+    }
+    return json_response(body, 202, {"X-Task-Id": spec.task_id})
