@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import os
 import socket
 import uuid
@@ -17,17 +18,11 @@ from typing import Any
 
 from aiohttp import ClientSession, web
 
-try:
+try:  # parse as the worker does (worker/jsoncodec.py); answer with the same text it sends
     import orjson
 
-    def dumps(value: Any) -> str:
-        return orjson.dumps(value).decode()
-
     loads: Callable[[bytes], Any] = orjson.loads
-except ImportError:  # the worker falls back the same way
-    import json
-
-    dumps = json.dumps
+except ImportError:
     loads = json.loads
 
 CHUNK = b"x" * 65536
@@ -35,7 +30,7 @@ _started = itertools.count()
 
 
 def answer(body: Any, status: int = 200) -> web.Response:
-    return web.Response(text=dumps(body), status=status, content_type="application/json")
+    return web.Response(text=json.dumps(body), status=status, content_type="application/json")
 
 
 class Baseline:
@@ -84,7 +79,7 @@ class Baseline:
         if self.client is None:
             self.client = ClientSession()
         body = {"task_id": task_id, "function": function, "success": True, "result": None}
-        async with self.client.post(url, data=dumps(body)) as response:
+        async with self.client.post(url, json=body) as response:
             await response.read()
 
     async def health(self, request: web.Request) -> web.Response:
