@@ -47,6 +47,9 @@ RESTART_ONLY = (
 )
 EXTEND_EVERY = 5.0  # seconds between EXTEND_TIMEOUT_USEC messages while draining
 SD_LISTEN_FDS_START = 3
+# aiohttp's default of 128 drops SYNs when a load balancer opens hundreds of connections at
+# once, and a dropped SYN is retried only a second later (the kernel caps it at somaxconn).
+LISTEN_BACKLOG = 1024
 GC_YOUNG_THRESHOLD = 10_000  # allocations between young collections (CPython's default: 700)
 
 
@@ -127,7 +130,10 @@ class Daemon:
             sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in inherited]
         else:
             http = self.config.http
-            sites = [web.TCPSite(runner, http.host, http.port, reuse_address=True)]
+            tcp = web.TCPSite(
+                runner, http.host, http.port, reuse_address=True, backlog=LISTEN_BACKLOG
+            )
+            sites = [tcp]
         for site in sites:
             await site.start()
         return [site.name for site in sites]
