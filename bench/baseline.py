@@ -93,7 +93,7 @@ async def serve(host: str, port: int, auth_key: str, slots: int) -> None:
     app.router.add_get("/health", baseline.health)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    await web.TCPSite(runner, host, port, reuse_address=True, backlog=1024).start()  # as the worker
     notify = os.environ.get("NOTIFY_SOCKET")
     if notify:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

@@ -371,16 +371,54 @@ async def scenario_a(ctx: Context) -> dict[str, Any]:
     return raw
 
 
+class Pool:
+    """`count` keep-alive connections, open before the measurement, as a load balancer holds them.
+
+    Opened in sessions of BATCH: thousands of connects at once overflow the listen backlog
+    (a dropped SYN is retried only after a second or more), and one big session would reuse
+    the first batch's connections instead of opening the next. Request i goes to session
+    i // BATCH, so `count` concurrent requests use exactly the connections opened here.
+    """
+
+    BATCH = 100
+
+    def __init__(self, count: int) -> None:
+        sizes = [min(self.BATCH, count - start) for start in range(0, count, self.BATCH)]
+        self.sessions = [aiohttp.ClientSession(connector=connector(size)) for size in sizes]
+        self.sizes = sizes
+
+    async def open(self, url: str) -> None:
+        async def one(session: aiohttp.ClientSession) -> None:
+            async with session.get(f"{url}/health") as response:
+                await response.read()
+
+        for session, size in zip(self.sessions, self.sizes, strict=True):
+            await asyncio.gather(*(one(session) for _ in range(size)))
+
+    def session(self, index: int) -> aiohttp.ClientSession:
+        return self.sessions[index // self.BATCH]
+
+    async def close(self) -> None:
+        for session in self.sessions:
+            await session.close()
+
+
 async def saturate(url: str, sizes: Sizes) -> dict[str, Any]:
-    """`saturation_connections` clients, each posting 10 ms tasks back to back, for a while."""
+    """`saturation_connections` clients, each posting 10 ms tasks back to back, for a while.
+
+    The connections are opened first, in batches: a burst of hundreds of connects overflows a
+    listen backlog, and the SYNs retried a second later would be measured as queueing.
+    """
     body = {"function": "sleeper", "input": {"seconds": sizes.service_time}, "contract": 1}
     records: list[tuple[float, float, int]] = []  # sent, answered, start order
     errors: list[str] = []
     sent = 0
-    deadline = time.perf_counter() + sizes.saturation_seconds
-    async with aiohttp.ClientSession(connector=connector(sizes.saturation_connections)) as session:
+    pool = Pool(sizes.saturation_connections)
+    try:
+        await pool.open(url)
+        deadline = time.perf_counter() + sizes.saturation_seconds
 
-        async def client() -> None:
+        async def client(session: aiohttp.ClientSession) -> None:
             nonlocal sent
             while time.perf_counter() < deadline:
                 began = time.perf_counter()
@@ -395,8 +433,11 @@ async def saturate(url: str, sizes: Sizes) -> dict[str, Any]:
                     continue
                 records.append((began, time.perf_counter(), answer["result"]["started"]))
 
+        clients = [client(pool.session(i)) for i in range(sizes.saturation_connections)]
         async with asyncio.timeout(sizes.saturation_seconds + 60):
-            await asyncio.gather(*(client() for _ in range(sizes.saturation_connections)))
+            await asyncio.gather(*clients)
+    finally:
+        await pool.close()
     began = min(r[0] for r in records)
     ended = max(r[1] for r in records)
     latencies = [r[1] - r[0] for r in records]
@@ -599,38 +640,6 @@ async def health_slots(session: aiohttp.ClientSession, url: str) -> dict[str, in
     async with session.get(f"{url}/health", headers=AUTH) as response:
         slots: dict[str, int] = (await response.json())["slots"]
         return slots
-
-
-class Pool:
-    """`count` keep-alive connections, open before the measurement, as a load balancer holds them.
-
-    Opened in sessions of BATCH: thousands of connects at once overflow the listen backlog
-    (a dropped SYN is retried only after a second or more), and one big session would reuse
-    the first batch's connections instead of opening the next. Request i goes to session
-    i // BATCH, so `count` concurrent requests use exactly the connections opened here.
-    """
-
-    BATCH = 100
-
-    def __init__(self, count: int) -> None:
-        sizes = [min(self.BATCH, count - start) for start in range(0, count, self.BATCH)]
-        self.sessions = [aiohttp.ClientSession(connector=connector(size)) for size in sizes]
-        self.sizes = sizes
-
-    async def open(self, url: str) -> None:
-        async def one(session: aiohttp.ClientSession) -> None:
-            async with session.get(f"{url}/health") as response:
-                await response.read()
-
-        for session, size in zip(self.sessions, self.sizes, strict=True):
-            await asyncio.gather(*(one(session) for _ in range(size)))
-
-    def session(self, index: int) -> aiohttp.ClientSession:
-        return self.sessions[index // self.BATCH]
-
-    async def close(self) -> None:
-        for session in self.sessions:
-            await session.close()
 
 
 async def queue_run(server: Server, count: int, hold: float | None) -> dict[str, Any]:
