@@ -792,7 +792,9 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         if value >= 100:
             return f"{value:,.0f}"
-        return f"{value:.3g}" if value < 10 else f"{value:.1f}"
+        if value >= 10:
+            return f"{value:.1f}"
+        return f"{value:.2f}" if value >= 1 else f"{value:.3g}"
     return str(value)
 
 
@@ -888,7 +890,11 @@ def main() -> None:
     parser.add_argument(
         "--worker-source", type=Path, help="run `python -m worker` from this checkout instead"
     )
+    parser.add_argument("--show", type=Path, help="print the table of a results file and exit")
     args = parser.parse_args()
+    if args.show:
+        print(table(json.loads(args.show.read_text())["rows"]))
+        return
     if args.worker_source:
         global WORKER_SOURCE
         WORKER_SOURCE = args.worker_source.resolve()
