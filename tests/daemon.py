@@ -77,6 +77,7 @@ class Daemon:
         env: dict[str, str] | None = None,
         argv_prefix: list[str] | None = None,
         pass_fds: tuple[int, ...] = (),
+        read_notify: bool = True,
     ) -> None:
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY"))}
         environ.update({"NOTIFY_SOCKET": str(self.notify_path), "PYTHONPATH": str(ROOT)})
@@ -91,10 +92,9 @@ class Daemon:
             stderr=asyncio.subprocess.STDOUT,
             pass_fds=pass_fds,
         )
-        self._readers = [
-            asyncio.create_task(self._read_notify()),
-            asyncio.create_task(self._read_output()),
-        ]
+        self._readers = [asyncio.create_task(self._read_output())]
+        if read_notify:
+            self._readers.append(asyncio.create_task(self._read_notify()))
 
     async def _read_notify(self) -> None:
         loop = asyncio.get_running_loop()
@@ -134,7 +134,7 @@ class Daemon:
     async def wait_exit(self, timeout: float = 20.0) -> int:
         assert self.process is not None
         code = await asyncio.wait_for(self.process.wait(), timeout)
-        await asyncio.wait_for(self._readers[1], 5)
+        await asyncio.wait_for(self._readers[0], 5)
         return code
 
     async def stop(self) -> None:

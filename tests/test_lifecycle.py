@@ -78,6 +78,29 @@ async def test_watchdog_keeps_its_cadence_while_a_plain_def_blocks(
     assert (status, answer["result"]) == (200, {"blocked": 1.5})
 
 
+async def test_a_notify_socket_nobody_reads_never_freezes_the_loop(
+    daemons: list[Daemon], tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    home = tmp_path / "unread"
+    home.mkdir()
+    daemon = Daemon(home)
+    daemons.append(daemon)
+    # A ping every 5 ms fills the socket's queue within a second or two.
+    await daemon.start(env={"WATCHDOG_USEC": "10000"}, read_notify=False)
+
+    async def answers() -> bool:
+        try:
+            return (await health(session, daemon))["status"] == "ready"
+        except aiohttp.ClientConnectionError:
+            return False
+
+    await poll(answers)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # well past the queue filling up
+        async with asyncio.timeout(1):
+            assert await answers()
+
+
 async def _used(session: aiohttp.ClientSession, daemon: Daemon, used: int, queue: int = 0) -> bool:
     slots = (await health(session, daemon))["slots"]
     return bool(slots["used"] == used and slots["queue"] == queue)

@@ -25,6 +25,9 @@ class Notifier:
 
     def __init__(self, environ: Mapping[str, str], pid: int) -> None:
         self._systemd = sdnotify.SystemdNotifier() if environ.get("NOTIFY_SOCKET") else None
+        if self._systemd is not None and self._systemd.socket is not None:
+            # A reader that stops reading must cost a dropped message, never a frozen loop.
+            self._systemd.socket.setblocking(False)
         self.watchdog_interval: float | None = None
         usec = environ.get("WATCHDOG_USEC", "")
         watchdog_pid = environ.get("WATCHDOG_PID", "")
