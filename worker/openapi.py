@@ -1,6 +1,6 @@
 """GET /openapi and GET /docs: the OpenAPI 3 document and Swagger UI served from local assets.
 
-The document is built once, with the application, through aiohttp-apispec from the marshmallow
+The document is built once, on its first request, through aiohttp-apispec from the marshmallow
 schemas that validate POST /task (the envelope and each registered function's input schema).
 Only aiohttp-apispec's documentation side is used: requests are validated by our own code, never
 by its middleware. Every endpoint is described in `OPERATIONS` below; a new endpoint is added
@@ -9,8 +9,12 @@ there too (a test checks that every route is documented).
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
+import json
 import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -20,13 +24,6 @@ from worker import __version__
 from worker.envelope import MODES, TaskEnvelopeSchema
 from worker.functions import Registry
 from worker.params import Number, StrictBoolean
-
-# aiohttp-apispec 2.2.3 and the apispec 3 it needs predate current setuptools and marshmallow
-# and warn about it at import and at every use; the warnings are theirs, not ours.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from aiohttp_apispec import AiohttpApiSpec
-    from apispec import APISpec
 
 DOCUMENT_PATH = "/openapi"
 UI_PATH = "/docs"
@@ -300,66 +297,97 @@ def input_components(registry: Registry) -> dict[str, str]:
     return names
 
 
-def build_spec(registry: Registry, plugin: Any) -> Any:
-    """The APISpec for this worker's endpoints and functions."""
-    spec = APISpec(
-        title="base-worker",
-        version=__version__,
-        openapi_version="3.0.2",
-        plugins=(plugin,),
-        info={
-            "description": (
-                "Runs registered functions over HTTP in prioritised parallel slots. "
-                f"Modes: {', '.join(MODES)}."
-            )
-        },
-    )
-    # Our custom fields are plain JSON numbers and booleans.
-    plugin.map_to_openapi_type("number", None)(Number)
-    plugin.map_to_openapi_type("boolean", None)(StrictBoolean)
-    spec.components.security_scheme(
-        "authKey",
-        {
-            "type": "apiKey",
-            "in": "header",
-            "name": "Authorization",
-            "description": "AUTH_KEY (a `Bearer ` prefix is accepted).",
-        },
-    )
-    spec.components.security_scheme(
-        "lbAuthKey",
-        {
-            "type": "apiKey",
-            "in": "header",
-            "name": "x-lb-auth",
-            "description": "LB_AUTH_KEY (a `Bearer ` prefix is accepted).",
-        },
-    )
-    spec.components.schema("TaskEnvelope", schema=TaskEnvelopeSchema)
-    spec.components.schema("Delivery", schema=DeliverySchema)  # apispec skips callbacks
-    inputs = input_components(registry)
-    for function, component in inputs.items():
-        # Unknown input keys are rejected.
-        closed = {"additionalProperties": False}
-        spec.components.schema(component, closed, schema=registry.functions[function].schema)
-    for path, operation in operations(inputs).items():
-        spec.path(path=path, operations=operation)
-    return spec
+def build_document(registry: Registry) -> dict[str, Any]:
+    """The OpenAPI document for this worker's endpoints and functions.
+
+    aiohttp-apispec and the apispec 3 it needs are imported here, on the first request for the
+    document, not at startup: they pull in setuptools (about 11 MiB and 0.1 s) for a page most
+    workers never serve. They also predate current setuptools and marshmallow and warn about it
+    at import and at every use; the warnings are theirs, not ours.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from aiohttp_apispec import AiohttpApiSpec
+        from apispec import APISpec
+
+        plugin = AiohttpApiSpec(url=DOCUMENT_PATH, title="base-worker", version=__version__).plugin
+        spec = APISpec(
+            title="base-worker",
+            version=__version__,
+            openapi_version="3.0.2",
+            plugins=(plugin,),
+            info={
+                "description": (
+                    "Runs registered functions over HTTP in prioritised parallel slots. "
+                    f"Modes: {', '.join(MODES)}."
+                )
+            },
+        )
+        # Our custom fields are plain JSON numbers and booleans.
+        plugin.map_to_openapi_type("number", None)(Number)
+        plugin.map_to_openapi_type("boolean", None)(StrictBoolean)
+        spec.components.security_scheme(
+            "authKey",
+            {
+                "type": "apiKey",
+                "in": "header",
+                "name": "Authorization",
+                "description": "AUTH_KEY (a `Bearer ` prefix is accepted).",
+            },
+        )
+        spec.components.security_scheme(
+            "lbAuthKey",
+            {
+                "type": "apiKey",
+                "in": "header",
+                "name": "x-lb-auth",
+                "description": "LB_AUTH_KEY (a `Bearer ` prefix is accepted).",
+            },
+        )
+        spec.components.schema("TaskEnvelope", schema=TaskEnvelopeSchema)
+        spec.components.schema("Delivery", schema=DeliverySchema)  # apispec skips callbacks
+        inputs = input_components(registry)
+        for function, component in inputs.items():
+            # Unknown input keys are rejected.
+            closed = {"additionalProperties": False}
+            spec.components.schema(component, closed, schema=registry.functions[function].schema)
+        for path, operation in operations(inputs).items():
+            spec.path(path=path, operations=operation)
+        document: dict[str, Any] = spec.to_dict()
+    return document
+
+
+def _assets() -> Path:
+    """Swagger UI's files, shipped in the aiohttp-apispec package (found without importing it)."""
+    found = importlib.util.find_spec("aiohttp_apispec")
+    if found is None or found.origin is None:
+        raise RuntimeError("aiohttp-apispec is not installed")
+    return Path(found.origin).parent / "static"
 
 
 def add_routes(app: web.Application, registry: Registry) -> None:
     """Serve the document at /openapi and Swagger UI (local assets) at /docs."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        # aiohttp-apispec keeps its state under plain string keys of the app.
-        warnings.simplefilter("ignore", web.NotAppKeyWarning)
-        docs = AiohttpApiSpec(
-            url=DOCUMENT_PATH,
-            swagger_path=UI_PATH,
-            static_path=UI_ASSETS,
-            title="base-worker",
-            version=__version__,
-        )
-        # It hard-codes OpenAPI 2; the document we want is OpenAPI 3.
-        docs.spec = build_spec(registry, docs.plugin)
-        docs.register(app, in_place=True)
+    assets = _assets()
+    index_page = (
+        (assets / "index.html")
+        .read_text(encoding="utf-8")
+        .replace("{{ static }}", UI_ASSETS)
+        .replace("{{ path }}", DOCUMENT_PATH)
+    )
+    built: list[bytes] = []
+    building = asyncio.Lock()
+
+    async def document(request: web.Request) -> web.Response:
+        async with building:
+            if not built:
+                # Imports and builds once; in a thread so the event loop never waits on it.
+                spec = await asyncio.to_thread(build_document, registry)
+                built.append(json.dumps(spec).encode())
+        return web.Response(body=built[0], content_type="application/json")
+
+    async def ui(request: web.Request) -> web.Response:
+        return web.Response(text=index_page, content_type="text/html")
+
+    app.router.add_get(DOCUMENT_PATH, document)
+    app.router.add_get(UI_PATH, ui)
+    app.router.add_static(UI_ASSETS, assets)
