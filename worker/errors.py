@@ -61,17 +61,5 @@ class Unavailable(WorkerError):
     headers = {"Retry-After": "5"}
 
 
-class FunctionFailed(WorkerError):
-    """The user's function raised; the message is its own."""
-
-    status = 500
-
-
-class FunctionTimeout(WorkerError):
-    """The user's function ran over its timeout."""
-
-    status = 504
-
-
 class ConfigError(Exception):
     """A configuration problem; the message is one line naming the key."""

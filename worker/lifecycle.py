@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from worker import __version__, config, functions
+from worker import __version__, config, functions, jsoncodec
 from worker.app import build_app
 from worker.errors import ConfigError
 from worker.logs import LogBuffer, Logging
@@ -170,6 +170,7 @@ class Daemon:
             "base-worker started",
             version=__version__,
             loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+            json=jsoncodec.ENGINE,
             listening=", ".join(addresses),
             functions=", ".join(runtime.registry.functions),
             slots=cfg.worker.slots,

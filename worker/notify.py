@@ -37,10 +37,6 @@ class Notifier:
         self._pending: asyncio.TimerHandle | None = None
         self._latest = ""
 
-    @property
-    def enabled(self) -> bool:
-        return self._systemd is not None
-
     def send(self, *fields: str) -> None:
         if self._systemd is not None:
             self._systemd.notify("\n".join(fields))
