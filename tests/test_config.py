@@ -336,3 +336,28 @@ def test_env_values_do_not_leak_into_error_messages() -> None:
     with pytest.raises(ConfigError) as caught:
         config.load(None, {"AUTH_KEY": "k", "WEBHOOK_HEADERS": '{"A": 5}'}, parsed)
     assert str(caught.value) == "webhook.headers must be a table of strings"
+
+
+@pytest.mark.parametrize(
+    ("line", "name"),
+    [
+        ("auth_key = 918273645", "auth.auth_key"),
+        ("lb_auth_key = 918273645", "auth.lb_auth_key"),
+    ],
+)
+def test_a_secret_of_the_wrong_type_is_not_repeated_in_the_error(
+    tmp_path: Path, line: str, name: str
+) -> None:
+    path = write(tmp_path, f"[auth]\n{line}\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, {}, {})
+    assert str(caught.value).startswith(f"{name} must be a string")
+    assert "918273645" not in str(caught.value)
+
+
+def test_a_webhook_secret_of_the_wrong_type_is_not_repeated_either(tmp_path: Path) -> None:
+    path = write(tmp_path, '[auth]\nauth_key = "k"\n[webhook]\nsecret = 918273645\n')
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, {}, {})
+    assert "918273645" not in str(caught.value)
+    assert str(caught.value).startswith("webhook.secret must be a string")

@@ -39,10 +39,13 @@ def option(
     flag: bool | str = False,
     minimum: float | None = None,
     maximum: float | None = None,
+    secret: bool = False,
     help: str = "",
 ) -> Any:
-    """Declare one option: default, environment variable, unit, bounds; `flag` True or "--name"."""
+    """Declare one option: default, environment variable, unit, bounds; `flag` True or "--name";
+    a `secret` option's value is never repeated in an error message."""
     meta = {"env": env, "unit": unit, "flag": flag, "min": minimum, "max": maximum, "help": help}
+    meta["secret"] = secret
     if isinstance(default, dict):
         frozen = types.MappingProxyType(dict(default))
         return field(default_factory=lambda: frozen, metadata=meta)
@@ -72,8 +75,8 @@ class HttpSection:
 
 @dataclass(frozen=True)
 class AuthSection:
-    auth_key: str = option("", env="AUTH_KEY")
-    lb_auth_key: str = option("", env="LB_AUTH_KEY")
+    auth_key: str = option("", env="AUTH_KEY", secret=True)
+    lb_auth_key: str = option("", env="LB_AUTH_KEY", secret=True)
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,8 @@ class WebhookSection:
     timeout: float = option(5.0, env="WEBHOOK_TIMEOUT", unit="ms", minimum=0.001)
     max_retries: int = option(3, env="WEBHOOK_MAX_RETRIES", minimum=0)
     retry_delay: float = option(1.0, env="WEBHOOK_RETRY_DELAY", unit="ms", minimum=0)
-    headers: Mapping[str, str] = option({}, env="WEBHOOK_HEADERS", unit="json")
-    secret: str = option("")
+    headers: Mapping[str, str] = option({}, env="WEBHOOK_HEADERS", unit="json", secret=True)
+    secret: str = option("", secret=True)
 
 
 @dataclass(frozen=True)
@@ -205,9 +208,10 @@ def _check(opt: Option, value: Any) -> Any:
     """Validate one value against its declaration; return it in canonical (immutable) form."""
     tp = opt.type
     problem = f"{opt.name} must be {_type_name(tp)}"
+    shown = "a value of another type" if opt.meta["secret"] else repr(value)
     if typing.get_origin(tp) is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{problem}, not {value!r}")
+            raise ConfigError(f"{problem}, not {shown}")
         return value
     if typing.get_origin(tp) is tuple:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
@@ -227,12 +231,12 @@ def _check(opt: Option, value: Any) -> Any:
         except ValueError as exc:
             raise ConfigError(f"{opt.name}: {exc}") from None
     if type(value) is not tp or (tp is float and math.isnan(value)):
-        raise ConfigError(f"{problem}, not {value!r}")  # nan would slip past the bounds below
+        raise ConfigError(f"{problem}, not {shown}")  # nan would slip past the bounds below
     low, high = opt.meta["min"], opt.meta["max"]
     if low is not None and value < low:
-        raise ConfigError(f"{opt.name} must be at least {low}, not {value!r}")
+        raise ConfigError(f"{opt.name} must be at least {low}, not {shown}")
     if high is not None and value > high:
-        raise ConfigError(f"{opt.name} must be at most {high}, not {value!r}")
+        raise ConfigError(f"{opt.name} must be at most {high}, not {shown}")
     return value
 
 
