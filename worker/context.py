@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 Mode = Literal["sync", "stream", "webhook"]
-StreamWriter = Callable[[Any], Awaitable[None]]
+
+
+class StreamWriter(Protocol):
+    """`ctx.stream`: `await ctx.stream(chunk)` sends one chunk to the client now."""
+
+    async def __call__(self, chunk: Any) -> None: ...
+
+    @property
+    def began(self) -> bool:
+        """True once output may have reached the client (the call is then never retried)."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def _error_text(exc: BaseException) -> str:
 
 def _output_began(ctx: TaskContext) -> bool:
     # A stream whose output reached its client cannot be retried without repeating it.
-    return bool(getattr(ctx.stream, "began", False))
+    return ctx.stream is not None and ctx.stream.began
 
 
 class Runner:
