@@ -113,7 +113,7 @@ async def test_retries_on_503_until_accepted_with_signed_body_and_headers(
         assert accepted["success"] is True
         assert accepted["task_id"] == task_id
         assert isinstance(accepted["message"], str)
-        await wait_for(lambda: runtime.pending_deliveries() == 0 and len(hook.calls) >= 3)
+        await wait_for(lambda: runtime.deliveries.pending == 0 and len(hook.calls) >= 3)
     assert len(hook.calls) == 3
     final = hook.calls[-1]
     assert json.loads(final.body) == {
@@ -160,7 +160,7 @@ async def test_a_400_is_not_retried_and_failures_are_delivered_as_errors(
     async with client.post("/task", json=body, headers=AUTH) as resp:
         assert resp.status == 202
         task_id = resp.headers["X-Task-Id"]
-    await wait_for(lambda: len(hook.calls) >= 1 and runtime.pending_deliveries() == 0)
+    await wait_for(lambda: len(hook.calls) >= 1 and runtime.deliveries.pending == 0)
     assert len(hook.calls) == 1
     assert json.loads(hook.calls[0].body) == {
         "task_id": task_id,
@@ -205,7 +205,7 @@ async def test_abandoned_deliveries_are_counted(worker_app: StartWorker, receive
     async with client.post("/task", json=body, headers={**AUTH, "x-lb-auth": LB_KEY}) as resp:
         assert resp.status == 202
     await wait_for(lambda: len(hook.calls) == 1)
-    assert runtime.pending_deliveries() == 1
-    assert runtime.abandon_deliveries() == 1
-    await wait_for(lambda: runtime.pending_deliveries() == 0)
+    assert runtime.deliveries.pending == 1
+    assert runtime.deliveries.abandon() == 1
+    await wait_for(lambda: runtime.deliveries.pending == 0)
     assert runtime.deliveries.failed == 1

@@ -218,7 +218,7 @@ class Daemon:
             "draining",
             in_flight=runtime.dispatcher.in_flight,
             queued=runtime.slots.state().queue,
-            pending_deliveries=runtime.pending_deliveries(),
+            pending_deliveries=runtime.deliveries.pending,
             timeout=timeout,
         )
         drained = await self._wait_drained(runtime, time.monotonic() + timeout)
@@ -234,7 +234,7 @@ class Daemon:
         return {
             "completed": sum(after[o] for o in Outcome if o is not Outcome.CANCELLED),
             "cancelled": after[Outcome.CANCELLED],
-            "undelivered": runtime.abandon_deliveries(),
+            "undelivered": runtime.deliveries.abandon(),
         }
 
     async def _wait_drained(self, runtime: Runtime, deadline: float) -> bool:

@@ -71,14 +71,6 @@ class Runtime:
             self.slots.set_status("maintenance")
             _log.warning("starting in maintenance mode (POST /on to serve)", marker=str(marker))
 
-    def pending_deliveries(self) -> int:
-        """Webhook results accepted but not yet delivered."""
-        return self.deliveries.pending
-
-    def abandon_deliveries(self) -> int:
-        """Stop delivering; returns how many results were left undelivered."""
-        return self.deliveries.abandon()
-
     async def wait_drained(self) -> None:
         """Return once no task is queued or running, no slot is held and no delivery pending."""
         while True:
@@ -88,7 +80,7 @@ class Runtime:
             await self.deliveries.wait_idle()
             state = self.slots.state()
             if not (
-                self.dispatcher.in_flight or state.used or state.queue or self.pending_deliveries()
+                self.dispatcher.in_flight or state.used or state.queue or self.deliveries.pending
             ):
                 return
 
