@@ -1,10 +1,9 @@
-"""What GET /health reports: the public status, and the detailed view load balancers read."""
+"""The `system` figures of the detailed /health and the load balancer status messages."""
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 _started = time.monotonic()
 
@@ -31,7 +30,3 @@ def system() -> dict[str, float]:
         "cpuLoad": round(100.0 * os.getloadavg()[0] / cores, 1),
         "usedMemoryPercent": _used_memory_percent(),
     }
-
-
-def public(status: str) -> dict[str, Any]:
-    return {"status": status}

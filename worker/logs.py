@@ -21,11 +21,14 @@ import structlog
 
 from worker import jsoncodec
 
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
-LEVELS["error"] = logging.ERROR
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 # syslog priorities, which journald reads from a `<N>` prefix
-_JOURNAL_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
-_JOURNAL_PRIORITY["exception"] = 3
+_JOURNAL_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "exception": 3, "critical": 2}
 MASK = "***"
 # An Authorization or x-lb-auth value, whoever renders one (a library, a function's own log).
 _CREDENTIAL = re.compile(
