@@ -50,6 +50,12 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def clear_daemon_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leave no variable of the daemon's in this process's environment."""
+    for name in DAEMON_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
 def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
     path = tmp_path / name
     path.write_text(text)
@@ -170,8 +176,7 @@ def test_command_line_flags_beat_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = write(tmp_path, GOOD)
-    for name in DAEMON_ENV:
-        monkeypatch.delenv(name, raising=False)
+    clear_daemon_env(monkeypatch)
     monkeypatch.setenv("SLOTS", "7")
     monkeypatch.setenv("PORT", "4000")
     monkeypatch.setenv("LOG_LEVEL", "error")
@@ -192,8 +197,7 @@ def test_without_config_flag_the_environment_names_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = write(tmp_path, GOOD)
-    for name in DAEMON_ENV:
-        monkeypatch.delenv(name, raising=False)
+    clear_daemon_env(monkeypatch)
     monkeypatch.setenv("BASE_WORKER_CONFIG", str(path))
     cfg, used = cli.load_config(cli._parser().parse_args([]))
     assert used == path and cfg.worker.slots == 3
