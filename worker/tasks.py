@@ -81,10 +81,19 @@ class Job:
         except asyncio.CancelledError:
             caller = asyncio.current_task()
             if self.task.cancelled() and caller is not None and not caller.cancelling():
-                # Cancelled before it ever ran (shutdown deadline); the client is still here.
-                return TaskResult(self.spec.task_id, Outcome.CANCELLED, error=SHUTTING_DOWN)
+                return self.finished()  # the client is still here
             self.abandon()
             raise
+
+    def finished(self) -> TaskResult:
+        """The outcome of a job that is done, also one cancelled before it ever ran."""
+        if self.task.cancelled():
+            return TaskResult(self.spec.task_id, Outcome.CANCELLED, error=SHUTTING_DOWN)
+        failure = self.task.exception()
+        if failure is not None:  # _run records every outcome itself; this is a bug's trace
+            error = f"internal error: {failure!r}"
+            return TaskResult(self.spec.task_id, Outcome.FAILED, error=error)
+        return self.task.result()
 
 
 class Dispatcher:

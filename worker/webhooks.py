@@ -27,7 +27,7 @@ from worker import __version__
 from worker.config import WebhookSection
 from worker.responses import json_response
 from worker.runner import Outcome
-from worker.tasks import SHUTTING_DOWN, Job, TaskResult, TaskSpec
+from worker.tasks import Job, TaskResult, TaskSpec
 
 if TYPE_CHECKING:
     from worker.runtime import Runtime
@@ -131,7 +131,7 @@ class Deliveries:
 
     def follow(self, job: Job) -> None:
         """Deliver the job's result as soon as its function ends."""
-        job.task.add_done_callback(lambda task: self._start(job.spec, _result_of(job.spec, task)))
+        job.task.add_done_callback(lambda _: self._start(job.spec, job.finished()))
 
     def abandon(self) -> int:
         """Cancel every pending delivery; returns how many results were left undelivered."""
@@ -217,15 +217,6 @@ class Deliveries:
             return Attempt(True, False, status)
         retry = status in (408, 429) or status >= 500
         return Attempt(False, retry, status, f"HTTP {status}", retry_after)
-
-
-def _result_of(spec: TaskSpec, task: asyncio.Task[TaskResult]) -> TaskResult:
-    if task.cancelled():
-        return TaskResult(spec.task_id, Outcome.CANCELLED, error=SHUTTING_DOWN)
-    failure = task.exception()
-    if failure is not None:
-        return TaskResult(spec.task_id, Outcome.FAILED, error=f"internal error: {failure!r}")
-    return task.result()
 
 
 async def answer(request: web.Request, runtime: Runtime, spec: TaskSpec) -> web.Response:
