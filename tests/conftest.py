@@ -11,10 +11,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from worker import config, functions
-from worker.app import build_app
-from worker.logs import LogBuffer
-from worker.runtime import Runtime
+from worker import config, functions, lifecycle, parts
+from worker.logs import LogBuffer, Logging
+from worker.notify import Notifier
 
 AUTH_KEY = "test-auth-key-0123456789"
 LB_KEY = "test-lb-key-9876543210"
@@ -51,19 +50,61 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
-Worker = tuple[TestClient[Any, Any], Runtime]
+class Running:
+    """An in-process worker, its parts started as the daemon starts them, seen from a test.
+
+    The test server stands in for the HTTP listener, and the logging pipeline is the test
+    run's own (its part is neither reloaded nor given the daemon's output).
+    """
+
+    def __init__(self, cfg: config.Config) -> None:
+        self.config = cfg
+        logging = Logging(LogBuffer(100))
+        self.worker = lifecycle.build(
+            cfg, functions.load(cfg.worker.functions), logging, Notifier({}, 0), []
+        )
+        self.parts = [p for p in self.worker.parts if p is not self.worker.listener]
+        self.slots = self.worker.slots
+        self.dispatcher = self.worker.dispatcher
+        self.deliveries = self.worker.deliveries
+        self.registry = self.worker.registry
+        self.logs = self.worker.logs
+
+    def apply(self, new: config.Config) -> None:
+        """A reload, as SIGHUP does it."""
+        parts.apply_all((p for p in self.parts if p is not self.worker.logging), new)
+        self.config = new
+
+    def set_maintenance(self, on: bool) -> None:
+        self.worker.maintenance.set(on)
+
+    async def wait_drained(self) -> None:
+        await self.worker.idle()
+
+
+Worker = tuple[TestClient[Any, Any], Running]
 
 
 @pytest.fixture
 def worker_app(
     aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
 ) -> Callable[..., Awaitable[Worker]]:
-    """Start a real server on loopback for a config; returns (client, runtime)."""
+    """Start a real server on loopback for a config; returns (client, running worker)."""
 
     async def start(**sections: dict[str, Any]) -> Worker:
-        cfg = make_config(**sections)
-        runtime = Runtime(cfg, functions.load(cfg.worker.functions), LogBuffer(100))
-        client = await aiohttp_client(build_app(runtime))
-        return client, runtime
+        running = Running(make_config(**sections))
+
+        async def run_parts(app: Any) -> Any:
+            await parts.start_all(running.parts)
+            yield
+            await parts.stop_all(running.parts, asyncio.get_running_loop().time())
+
+        async def end_follows(app: Any) -> None:
+            running.logs.close()
+
+        running.worker.app.on_shutdown.append(end_follows)
+        running.worker.app.cleanup_ctx.append(run_parts)
+        client = await aiohttp_client(running.worker.app)
+        return client, running
 
     return start

@@ -11,14 +11,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import AUTH, task, wait_for
-from worker.runtime import Runtime
+from tests.conftest import AUTH, Running, task, wait_for
 from worker.slots import SlotState
 
 Start = Callable[..., Any]
 
 
-def functions_module(runtime: Runtime) -> dict[str, Any]:
+def functions_module(runtime: Running) -> dict[str, Any]:
     """The globals of the loaded tests/functions/testing.py (each app loads its own copy)."""
     return runtime.registry.functions["wait_gate"].handler.__globals__
 

@@ -17,8 +17,7 @@ from tests.conftest import AUTH, LB_KEY, Worker, make_config, task, wait_for
 from tests.lb_fakes import FakeBalancer, RawServer
 from worker import __version__, functions
 from worker.lb_client import OutboundClient, Timings
-from worker.logs import LogBuffer
-from worker.runtime import Runtime
+from worker.slots import SlotManager
 
 ADVERTISED = "http://127.0.0.1:39999"
 StartWorker = Callable[..., Awaitable[Worker]]
@@ -232,16 +231,17 @@ async def test_handshake_timeout_gives_up_and_retries() -> None:
     stall = RawServer()
     await stall.start()
     cfg = make_config(load_balancer={"url": stall.url})
-    runtime = Runtime(cfg, functions.load(cfg.worker.functions), LogBuffer(10))
-    link = OutboundClient(runtime, Timings(handshake_timeout=0.3, backoff_first=0.05))
-    link.start()
+    slots = SlotManager(cfg.worker.slots, cfg.worker.max_queue)
+    registry = functions.load(cfg.worker.functions)
+    link = OutboundClient(slots, registry, cfg, Timings(handshake_timeout=0.3, backoff_first=0.05))
+    await link.start()
     try:
         await wait_for(lambda: stall.ended >= 2, timeout=5)
         assert link.last_error == "handshake timed out after 0.3s"
         assert link.reconnects >= 1
         assert link.connected is False
     finally:
-        await link.close()
+        await link.stop(0.0)
         await stall.stop()
 
 

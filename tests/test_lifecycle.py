@@ -148,7 +148,7 @@ async def test_sigterm_drains_running_and_queued_tasks(
     daemon.signal(signal.SIGTERM)
     await daemon.wait_notify(lambda f: f == "STOPPING=1")
     status, body = await post_task(session, daemon, task("hello"))
-    assert (status, body["error"]) == (503, "Worker is in maintenance mode")
+    assert (status, body["error"]) == (503, "Worker is draining for shutdown")
     public = await (await session.get(f"{daemon.url}/health")).json()
     assert public == {"status": "draining"}
     answers = await asyncio.gather(*clients)

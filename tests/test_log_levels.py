@@ -1,4 +1,4 @@
-"""Cached loggers follow the level and the output set by the latest `Logging.apply`."""
+"""Cached loggers follow the level and the output set by the latest `Logging.configure`."""
 
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ def lines(output: io.StringIO) -> list[str]:
 def test_a_reload_changes_the_level_of_cached_loggers() -> None:
     first = io.StringIO()
     logging_ = Logging(LogBuffer(10), first)
-    logging_.apply("info", "json", ["s3cret"], {})
+    logging_.configure("info", "json", ["s3cret"], {})
     bound = _log.bind(task_id="t")
     _log.debug("hidden")
     bound.info("shown")
-    logging_.apply("debug", "json", ["s3cret"], {})
+    logging_.configure("debug", "json", ["s3cret"], {})
     _log.debug("now shown")
     bound.debug("bound now shown")
     assert bound.is_enabled_for(10)
-    logging_.apply("warning", "json", ["s3cret"], {})
+    logging_.configure("warning", "json", ["s3cret"], {})
     _log.info("hidden again")
     bound.warning("warned s3cret")
     assert lines(first) == ["shown", "now shown", "bound now shown", "warned ***"]
@@ -36,10 +36,10 @@ def test_a_reload_changes_the_level_of_cached_loggers() -> None:
 
 def test_a_new_pipeline_takes_over_cached_loggers() -> None:
     old, new = io.StringIO(), io.StringIO()
-    Logging(LogBuffer(10), old).apply("info", "json", [], {})
+    Logging(LogBuffer(10), old).configure("info", "json", [], {})
     _log.info("to old")
     buffer = LogBuffer(10)
-    Logging(buffer, new).apply("info", "json", [], {})
+    Logging(buffer, new).configure("info", "json", [], {})
     _log.info("to new")
     assert lines(old) == ["to old"]
     assert lines(new) == ["to new"]
@@ -56,7 +56,7 @@ class CountingOutput(io.StringIO):
 
 async def test_lines_written_in_one_loop_turn_are_flushed_once() -> None:
     output = CountingOutput()
-    Logging(LogBuffer(10), output).apply("info", "json", [], {})
+    Logging(LogBuffer(10), output).configure("info", "json", [], {})
     for n in range(5):
         _log.info("line", n=n)
     assert output.flushes == 0
@@ -67,6 +67,6 @@ async def test_lines_written_in_one_loop_turn_are_flushed_once() -> None:
 
 def test_lines_written_outside_the_loop_are_flushed_at_once() -> None:
     output = CountingOutput()
-    Logging(LogBuffer(10), output).apply("info", "json", [], {})
+    Logging(LogBuffer(10), output).configure("info", "json", [], {})
     _log.info("from a thread or at startup")
     assert output.flushes == 1

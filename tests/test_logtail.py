@@ -33,7 +33,7 @@ async def logged_worker(worker_app: StartWorker) -> AsyncIterator[StartWorker]:
         client, runtime = await worker_app(**sections)
         runtime.logs.resize(runtime.config.logging.max_lines)
         pipeline = Logging(runtime.logs, io.StringIO())
-        pipeline.apply("info", "console", runtime.config.secrets(), environ={})
+        pipeline.configure("info", "console", runtime.config.secrets(), environ={})
         return client, runtime
 
     yield start

@@ -11,15 +11,14 @@ from types import ModuleType
 import aiohttp
 import pytest
 
-from tests.conftest import AUTH, Worker, task, wait_for
-from worker.runner import Outcome
-from worker.runtime import Runtime
+from tests.conftest import AUTH, Running, Worker, task, wait_for
+from worker.outcomes import Outcome
 
 StartWorker = Callable[..., Awaitable[Worker]]
 SSE = {**AUTH, "Accept": "text/event-stream"}
 
 
-def functions_of(runtime: Runtime) -> ModuleType:
+def functions_of(runtime: Running) -> ModuleType:
     """The test functions module as the worker loaded it (from its file, not as a package)."""
     spec = runtime.registry.get("stream_gate")
     assert spec is not None

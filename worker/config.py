@@ -40,12 +40,14 @@ def option(
     minimum: float | None = None,
     maximum: float | None = None,
     secret: bool = False,
+    restart: bool = False,
     help: str = "",
 ) -> Any:
     """Declare one option: default, environment variable, unit, bounds; `flag` True or "--name";
-    a `secret` option's value is never repeated in an error message."""
+    a `secret` option's value is never repeated in an error message; a `restart` option is read
+    only at start-up, so a reload that changes it says that a restart is needed."""
     meta = {"env": env, "unit": unit, "flag": flag, "min": minimum, "max": maximum, "help": help}
-    meta["secret"] = secret
+    meta.update(secret=secret, restart=restart)
     if isinstance(default, dict):
         frozen = types.MappingProxyType(dict(default))
         return field(default_factory=lambda: frozen, metadata=meta)
@@ -60,17 +62,21 @@ class WorkerSection:
     max_queue: int = option(10000, env="MAX_QUEUE", minimum=0, help="queued tasks beyond slots")
     default_timeout: float = option(30.0, env="DEFAULT_TIMEOUT", unit="ms", minimum=0.001)
     drain_timeout: float = option(60.0, minimum=0)
-    functions: tuple[str, ...] = option(("worker.examples",))
+    functions: tuple[str, ...] = option(("worker.examples",), restart=True)
     # systemd's StateDirectory= sets $STATE_DIRECTORY, so the unit needs no extra setting.
-    state_dir: str = option("", env="STATE_DIRECTORY")
+    state_dir: str = option("", env="STATE_DIRECTORY", restart=True)
 
 
 @dataclass(frozen=True)
 class HttpSection:
-    host: str = option("127.0.0.1", env="HOST", flag=True, help="listen address")
-    port: int = option(3000, env="PORT", flag=True, minimum=0, maximum=65535, help="listen port")
-    max_body_size: int = option(10 * 1024 * 1024, env="REQUEST_BODY_LIMIT", unit="size", minimum=1)
-    openapi: bool = option(True, env="OPENAPI_ENABLED")
+    host: str = option("127.0.0.1", env="HOST", flag=True, restart=True, help="listen address")
+    port: int = option(
+        3000, env="PORT", flag=True, minimum=0, maximum=65535, restart=True, help="listen port"
+    )
+    max_body_size: int = option(
+        10 * 1024 * 1024, env="REQUEST_BODY_LIMIT", unit="size", minimum=1, restart=True
+    )
+    openapi: bool = option(True, env="OPENAPI_ENABLED", restart=True)
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ class AuthSection:
 class LoggingSection:
     level: LogLevel = option("info", env="LOG_LEVEL", flag="--log-level", help="log level")
     max_lines: int = option(1000, env="MAX_LOGS", minimum=1)
-    format: LogFormat = option("auto", help="log output format")
+    format: LogFormat = option("auto", restart=True, help="log output format")
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ class WebhookSection:
 
 @dataclass(frozen=True)
 class LoadBalancerSection:
-    websocket_port: int = option(3001, env="WEBSOCKET_PORT", minimum=0, maximum=65535)
+    websocket_port: int = option(3001, env="WEBSOCKET_PORT", minimum=0, maximum=65535, restart=True)
     url: str = option("", env="LB_URL")
     advertise_url: str = option("", env="ADVERTISE_URL")
 
@@ -139,6 +145,24 @@ class Option:
     def flag(self) -> str:
         named = self.meta["flag"]
         return named if isinstance(named, str) else "--" + self.key.replace("_", "-")
+
+
+def value_of(cfg: Config, opt: Option) -> Any:
+    return getattr(getattr(cfg, opt.section), opt.key)
+
+
+def changed(old: Config, new: Config) -> list[str]:
+    """The names of the options whose value differs, in declaration order."""
+    return [opt.name for opt in options() if value_of(old, opt) != value_of(new, opt)]
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """The changed options that are read only at start-up."""
+    return [
+        opt.name
+        for opt in options()
+        if opt.meta["restart"] and value_of(old, opt) != value_of(new, opt)
+    ]
 
 
 def _section_types() -> dict[str, type]:

@@ -1,23 +1,25 @@
 """The HTTP API: POST /task, GET /health, GET /logs, POST /on and /off, and the JSON error
-middleware."""
+middleware. A task's request is checked and validated here, then handed to its mode's answer."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from worker import __version__, auth, health, logtail, streaming, webhooks
+from worker import __version__, auth, health, logtail, openapi
+from worker.config import Config
+from worker.context import Mode
 from worker.envelope import parse_json, validate_task
 from worker.errors import PayloadTooLarge, Unavailable, WorkerError
-from worker.responses import json_response, result_response
-from worker.runtime import Runtime
-from worker.tasks import TaskSpec
-
-RUNTIME = web.AppKey("runtime", Runtime)
-Answer = Callable[[web.Request, Runtime, TaskSpec], Awaitable[web.StreamResponse]]
+from worker.functions import Registry
+from worker.logs import LogBuffer
+from worker.maintenance import Maintenance
+from worker.parts import Part
+from worker.responses import Answer, json_response
+from worker.slots import REFUSALS, SlotManager
 
 _log = structlog.get_logger("worker.http")
 
@@ -51,76 +53,89 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         raise too_large from None
 
 
-async def post_task(request: web.Request) -> web.StreamResponse:
-    runtime = request.app[RUNTIME]
-    config = runtime.config
-    auth.require_operator(request.headers, config.auth)
-    if runtime.slots.status != "ready":
-        raise Unavailable("Worker is in maintenance mode")
-    body = parse_json(await _read_body(request, config.http.max_body_size))
-    spec = validate_task(body, runtime.registry, config.worker.group, config.worker.contract)
-    return await ANSWERS[spec.mode](request, runtime, spec)
+class Api(Part):
+    """The routes; each receives what it uses, and the config follows reloads."""
 
+    name = "http api"
 
-async def answer_sync(request: web.Request, runtime: Runtime, spec: TaskSpec) -> web.Response:
-    job = runtime.dispatcher.submit(spec)
-    return result_response(await job.result())
+    def __init__(
+        self,
+        config: Config,
+        registry: Registry,
+        slots: SlotManager,
+        answers: Mapping[Mode, Answer],
+        maintenance: Maintenance,
+        logs: LogBuffer,
+        sections: Callable[[], dict[str, Any]],
+    ) -> None:
+        self._config = config
+        self._registry = registry
+        self._slots = slots
+        self._answers = answers
+        self._maintenance = maintenance
+        self._logs = logs
+        self._sections = sections  # the parts' own sections of the detailed /health
 
+    def apply(self, new: Config) -> None:
+        self._config = new
 
-ANSWERS: dict[str, Answer] = {
-    "sync": answer_sync,
-    "stream": streaming.answer,
-    "webhook": webhooks.answer,
-}
+    def app(self) -> web.Application:
+        """The aiohttp application serving these routes (and /openapi, /docs if enabled)."""
+        app = web.Application(
+            middlewares=[error_middleware],
+            client_max_size=self._config.http.max_body_size,
+        )
+        app.router.add_post("/task", self.post_task)
+        app.router.add_get("/health", self.get_health)
+        app.router.add_get("/logs", self.get_logs)
+        app.router.add_post("/off", self.post_off)
+        app.router.add_post("/on", self.post_on)
+        if self._config.http.openapi:
+            openapi.add_routes(app, self._registry)
+        return app
 
+    async def post_task(self, request: web.Request) -> web.StreamResponse:
+        config = self._config
+        auth.require_operator(request.headers, config.auth)
+        status = self._slots.status
+        if status != "ready":
+            raise Unavailable(REFUSALS[status])
+        body = parse_json(await _read_body(request, config.http.max_body_size))
+        spec = validate_task(body, self._registry, config.worker.group, config.worker.contract)
+        return await self._answers[spec.mode](request, spec)
 
-async def get_health(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    state = runtime.slots.state()
-    if not auth.sees_details(request.headers, runtime.config.auth):
-        return json_response({"status": state.status})
-    config = runtime.config
-    body: dict[str, Any] = {
-        "status": state.status,
-        "group": config.worker.group,
-        "contract": config.worker.contract,
-        "websocketPort": config.load_balancer.websocket_port,
-        "functions": runtime.registry.describe(),
-        "services": [],
-        "tags": await runtime.registry.compute_tags(),
-        "slots": state.as_dict(),
-        "system": health.system(),
-        "version": __version__,
-    }
-    for name, section in runtime.health_sections.items():
-        body[name] = section()
-    body.setdefault("loadBalancer", {"enabled": False})
-    return json_response(body)
+    async def get_health(self, request: web.Request) -> web.Response:
+        state = self._slots.state()
+        config = self._config
+        if not auth.sees_details(request.headers, config.auth):
+            return json_response({"status": state.status})
+        body: dict[str, Any] = {
+            "status": state.status,
+            "group": config.worker.group,
+            "contract": config.worker.contract,
+            "websocketPort": config.load_balancer.websocket_port,
+            "functions": self._registry.describe(),
+            "services": [],
+            "tags": await self._registry.compute_tags(),
+            "slots": state.as_dict(),
+            "system": health.system(),
+            "version": __version__,
+            **self._sections(),
+        }
+        return json_response(body)
 
+    async def get_logs(self, request: web.Request) -> web.StreamResponse:
+        auth.require_any(request.headers, self._config.auth)
+        return await logtail.answer(request, self._logs)
 
-async def get_logs(request: web.Request) -> web.StreamResponse:
-    return await logtail.answer(request, request.app[RUNTIME])
+    async def post_off(self, request: web.Request) -> web.Response:
+        auth.require_operator(request.headers, self._config.auth)
+        self._maintenance.set(True)
+        _log.info("maintenance mode enabled")
+        return json_response({"status": "maintenance", "message": "Maintenance mode enabled"})
 
-
-async def post_off(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    auth.require_operator(request.headers, runtime.config.auth)
-    runtime.set_maintenance(True)
-    _log.info("maintenance mode enabled", status=runtime.slots.status)
-    return json_response({"status": "maintenance", "message": "Maintenance mode enabled"})
-
-
-async def post_on(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    auth.require_operator(request.headers, runtime.config.auth)
-    runtime.set_maintenance(False)
-    _log.info("maintenance mode disabled")
-    return json_response({"status": "ready", "message": "Maintenance mode disabled"})
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/task", post_task)
-    app.router.add_get("/health", get_health)
-    app.router.add_get("/logs", get_logs)
-    app.router.add_post("/off", post_off)
-    app.router.add_post("/on", post_on)
+    async def post_on(self, request: web.Request) -> web.Response:
+        auth.require_operator(request.headers, self._config.auth)
+        self._maintenance.set(False)
+        _log.info("maintenance mode disabled")
+        return json_response({"status": "ready", "message": "Maintenance mode disabled"})

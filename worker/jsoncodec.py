@@ -4,7 +4,7 @@
 and anything it refuses (integers beyond 64 bits, deep nesting, UTF-16) goes through `json`,
 so the value, or the error, is the standard library's. NaN and Infinity are refused on both
 paths: they are not JSON. Log lines are compact JSON with orjson. Answers stay with the
-standard library (responses.py), so their text does not depend on the installed extras.
+standard library (`dumps_result`), so their text does not depend on the installed extras.
 """
 
 from __future__ import annotations
@@ -19,6 +19,19 @@ except ImportError:  # pragma: no cover - depends on the installed extras
     orjson = None  # type: ignore[assignment,unused-ignore]
 
 DecodeError = json.JSONDecodeError
+
+
+class NotJSON(ValueError):
+    """A function's result that JSON cannot hold; the message names the cause."""
+
+
+def dumps_result(body: Any) -> str:
+    """An answer holding a function's result, as JSON text, in every mode; NotJSON when the
+    result has values JSON cannot hold (NaN, Infinity, other types) or is nested too deeply."""
+    try:
+        return json.dumps(body, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise NotJSON(f"Function result is not JSON-serialisable: {exc}") from None
 
 
 def _not_json(constant: str) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -23,20 +22,22 @@ from aiohttp import WSCloseCode, WSMsgType
 from worker import __version__
 from worker.auth import LB_HEADER
 from worker.config import Config
+from worker.functions import Registry
 from worker.lb_protocol import (
+    CLOSE_TIMEOUT,
     MAX_MESSAGE,
-    SEND_TIMEOUT,
     StatusFeed,
+    close,
     outbound_status,
     ping_reply,
     register,
+    send,
     without_credentials,
 )
-from worker.runtime import Runtime
+from worker.parts import Part, cancel_and_wait
+from worker.slots import SlotManager, SlotState
 
 _log = structlog.get_logger("worker.lb_client")
-
-CLOSE_TIMEOUT = 2.0  # seconds to wait for the balancer's close frame
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,21 @@ class Timings:
     status_every: float = 10.0  # a status message at least this often, even with no change
 
 
-class OutboundClient:
+class OutboundClient(Part):
     """Keeps one link to `load_balancer.url` while it is set; follows reloads."""
 
-    def __init__(self, runtime: Runtime, timings: Timings | None = None) -> None:
-        self._runtime = runtime
+    name = "load balancer link"
+
+    def __init__(
+        self,
+        slots: SlotManager,
+        registry: Registry,
+        config: Config,
+        timings: Timings | None = None,
+    ) -> None:
+        self._slots = slots
+        self._registry = registry
+        self._config = config
         self._timings = timings or Timings()
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
@@ -69,30 +80,24 @@ class OutboundClient:
         self.attempts = 0
         self.reconnects = 0
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._session = aiohttp.ClientSession(headers={"User-Agent": f"base-worker/{__version__}"})
-        self._runtime.reload_hooks.append(self._on_reload)
         self._task = asyncio.create_task(self._run(), name="lb-outbound")
 
-    async def close(self) -> None:
+    async def stop(self, deadline: float) -> None:
         """Close the link with GOING_AWAY and stop reconnecting."""
-        with contextlib.suppress(ValueError):
-            self._runtime.reload_hooks.remove(self._on_reload)
         # The connection's own cleanup sends the close frame, with GOING_AWAY from here on.
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     def health(self) -> dict[str, Any]:
-        url = self._runtime.config.load_balancer.url
+        url = self._config.load_balancer.url
         since = self.connected_since
-        return {
+        link = {
             "enabled": bool(url),
             "url": without_credentials(url),
             "connected": self.connected,
@@ -102,8 +107,10 @@ class OutboundClient:
             "lastError": self.last_error,
             "reconnects": self.reconnects,
         }
+        return {"loadBalancer": link}
 
-    def _on_reload(self, old: Config, new: Config) -> None:
+    def apply(self, new: Config) -> None:
+        old, self._config = self._config, new
         if (old.load_balancer.url, old.auth.lb_auth_key) != (
             new.load_balancer.url,
             new.auth.lb_auth_key,
@@ -119,7 +126,7 @@ class OutboundClient:
         failures = 0
         while True:
             self._retarget.clear()
-            url = self._runtime.config.load_balancer.url
+            url = self._config.load_balancer.url
             if not url:
                 self.last_error = None
                 await self._retarget.wait()
@@ -158,7 +165,7 @@ class OutboundClient:
         """One connection, from handshake to close; returns how long it was up (0 if never)."""
         assert self._session is not None
         headers = {}
-        key = self._runtime.config.auth.lb_auth_key
+        key = self._config.auth.lb_auth_key
         if key:
             headers[LB_HEADER] = key
         try:
@@ -181,7 +188,7 @@ class OutboundClient:
             self.last_error = _describe(exc)
             return 0.0
         started = time.monotonic()
-        feed = self._feed = StatusFeed(self._runtime.slots, period=self._timings.status_every)
+        feed = self._feed = StatusFeed(self._slots, period=self._timings.status_every)
         self.connected, self.connected_since = True, time.time()
         _log.info("load balancer link up", url=without_credentials(url))
         try:
@@ -195,9 +202,9 @@ class OutboundClient:
             self._feed = None
             self.connected, self.connected_since = False, None
             if self._stopping:
-                await _close(ws, WSCloseCode.GOING_AWAY, b"worker shutting down")
+                await close(ws, WSCloseCode.GOING_AWAY, b"worker shutting down")
             else:
-                await _close(ws, WSCloseCode.OK, b"")
+                await close(ws, WSCloseCode.OK)
         up_for = time.monotonic() - started
         _log.warning(
             "load balancer link down",
@@ -210,8 +217,8 @@ class OutboundClient:
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse, feed: StatusFeed) -> None:
         """Register, then push status and answer pings until the link ends or is retargeted."""
         self._reregister = False
-        announced = register(self._runtime, self._runtime.slots.state())
-        await _send(ws, announced)
+        announced = self._register(self._slots.state())
+        await send(ws, announced)
         parts = {
             asyncio.create_task(self._push(ws, feed, announced), name="lb-outbound-status"),
             asyncio.create_task(self._receive(ws), name="lb-outbound-receive"),
@@ -223,7 +230,7 @@ class OutboundClient:
                 part.result()
             if self._retarget.is_set():
                 self.last_error = "reconfigured"
-                await _close(ws, WSCloseCode.OK, b"worker reconfigured")
+                await close(ws, WSCloseCode.OK, b"worker reconfigured")
         finally:
             for part in parts:
                 part.cancel()
@@ -236,16 +243,19 @@ class OutboundClient:
             state = await feed.next()
             if self._reregister:
                 self._reregister = False
-                again = register(self._runtime, state)
+                again = self._register(state)
                 if _identity(again) != _identity(announced):
                     announced = again
-                    await _send(ws, announced)
-            await _send(ws, outbound_status(state))
+                    await send(ws, announced)
+            await send(ws, outbound_status(state))
+
+    def _register(self, state: SlotState) -> dict[str, Any]:
+        return register(self._config, self._registry, state)
 
     async def _receive(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         async for message in ws:
             if message.type == WSMsgType.TEXT and message.data.strip() == "ping":
-                await _send(ws, ping_reply(self._runtime.slots.state()))
+                await send(ws, ping_reply(self._slots.state()))
             elif message.type == WSMsgType.ERROR:
                 self.last_error = f"bad frame from the balancer: {message.data}"
                 return
@@ -254,6 +264,7 @@ class OutboundClient:
 
 
 def _identity(message: dict[str, Any]) -> dict[str, Any]:
+    """What a `register` says about the worker, apart from its slots and status."""
     worker = message["worker"]
     return {k: v for k, v in worker.items() if k not in ("slots", "status")}
 
@@ -261,15 +272,3 @@ def _identity(message: dict[str, Any]) -> dict[str, Any]:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-async def _send(ws: aiohttp.ClientWebSocketResponse, body: dict[str, Any]) -> None:
-    async with asyncio.timeout(SEND_TIMEOUT):
-        await ws.send_str(json.dumps(body))
-
-
-async def _close(ws: aiohttp.ClientWebSocketResponse, code: int, message: bytes) -> None:
-    # On timeout aiohttp drops the connection itself.
-    with contextlib.suppress(TimeoutError, ConnectionError, aiohttp.ClientError):
-        async with asyncio.timeout(CLOSE_TIMEOUT + 1):
-            await ws.close(code=code, message=message)

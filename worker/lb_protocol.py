@@ -6,20 +6,47 @@ The wire format is written down in docs/load-balancer-protocol.md; keep the two 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import math
 import re
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
+
+import aiohttp
 
 from worker import __version__, health
-from worker.runtime import Runtime
+from worker.config import Config
+from worker.functions import Registry
 from worker.slots import SlotManager, SlotState
 
 CLOSE_UNAUTHORIZED = 4001  # inbound: missing or wrong subprotocol key
 MAX_MESSAGE = 64 * 1024  # bytes; a bigger frame from a balancer closes the link (1009)
 SEND_TIMEOUT = 10.0  # seconds; a balancer that reads nothing for this long is dropped
+CLOSE_TIMEOUT = 2.0  # seconds to wait for the peer's close frame
 MIN_GAP = 0.05  # seconds between two slot-change messages on one link; status changes skip it
+
+
+class Socket(Protocol):
+    """Either end of a link: aiohttp's server-side or client-side websocket."""
+
+    async def send_str(self, data: str, compress: int | None = None) -> None: ...
+
+    async def close(self, *, code: int = ..., message: bytes = ...) -> bool: ...
+
+
+async def send(ws: Socket, body: dict[str, Any]) -> None:
+    """Send one message; TimeoutError when the balancer has not read for SEND_TIMEOUT."""
+    async with asyncio.timeout(SEND_TIMEOUT):
+        await ws.send_str(json.dumps(body))
+
+
+async def close(ws: Socket, code: int, message: bytes = b"") -> None:
+    """Close with `code`, waiting a bounded time for the peer (aiohttp then drops it)."""
+    with contextlib.suppress(TimeoutError, ConnectionError, aiohttp.ClientError):
+        async with asyncio.timeout(CLOSE_TIMEOUT + 1):
+            await ws.close(code=code, message=message)
 
 
 def ping_reply(state: SlotState) -> dict[str, Any]:
@@ -46,16 +73,15 @@ def outbound_status(state: SlotState) -> dict[str, Any]:
     }
 
 
-def register(runtime: Runtime, state: SlotState) -> dict[str, Any]:
+def register(cfg: Config, registry: Registry, state: SlotState) -> dict[str, Any]:
     """The first message on the outbound link: who this worker is and where to reach it."""
-    cfg = runtime.config
     return {
         "type": "register",
         "worker": {
-            "url": advertise_url(runtime),
+            "url": advertise_url(cfg),
             "group": cfg.worker.group,
             "contract": cfg.worker.contract,
-            "functions": runtime.registry.describe(),
+            "functions": registry.describe(),
             "slots": state.as_dict(),
             "status": state.status,
             "version": __version__,
@@ -63,9 +89,8 @@ def register(runtime: Runtime, state: SlotState) -> dict[str, Any]:
     }
 
 
-def advertise_url(runtime: Runtime) -> str:
+def advertise_url(cfg: Config) -> str:
     """`load_balancer.advertise_url`, else http://<http.host>:<http.port> (wildcards: hostname)."""
-    cfg = runtime.config
     if cfg.load_balancer.advertise_url:
         return cfg.load_balancer.advertise_url.rstrip("/")
     host = cfg.http.host

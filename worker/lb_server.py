@@ -10,41 +10,54 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 from typing import Any
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 
+from worker.config import Config
 from worker.lb_protocol import (
+    CLOSE_TIMEOUT,
     CLOSE_UNAUTHORIZED,
     MAX_MESSAGE,
-    SEND_TIMEOUT,
     StatusFeed,
+    close,
     inbound_status,
     ping_reply,
+    send,
 )
-from worker.runtime import Runtime
+from worker.parts import Part
+from worker.slots import SlotManager
 
 _log = structlog.get_logger("worker.lb_server")
 
 STATUS_EVERY = 1.0  # seconds between status messages when nothing changes
 HEARTBEAT = 20.0  # websocket-level ping; a peer that misses the pong for HEARTBEAT/2 is dropped
-CLOSE_TIMEOUT = 2.0  # seconds to wait for the peer's close frame
 
 
-class InboundServer:
+class InboundServer(Part):
     """A websocket server for any number of balancers, beside the HTTP listener."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._runtime = runtime
+    name = "load balancer websocket"
+
+    def __init__(self, slots: SlotManager, config: Config) -> None:
+        self._slots = slots
+        self._config = config
         self._links: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
         self.port = 0
         self.refused = 0
 
-    async def start(self, host: str, port: int) -> None:
-        """Bind and serve; raises OSError when the port cannot be bound."""
+    async def start(self) -> None:
+        """Bind and serve when `load_balancer.websocket_port` is set; OSError when it cannot."""
+        port = self._config.load_balancer.websocket_port
+        if port:
+            await self._listen(self._config.http.host, port)
+
+    def apply(self, new: Config) -> None:
+        self._config = new
+
+    async def _listen(self, host: str, port: int) -> None:
         app = web.Application()
         app.router.add_get("/{path:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1)
@@ -59,24 +72,25 @@ class InboundServer:
         self._runner = runner
         self.port = port
         _log.info("load balancer websocket listening", host=host, port=port)
-        if not self._runtime.config.auth.lb_auth_key:
+        if not self._config.auth.lb_auth_key:
             _log.warning(
                 "auth.lb_auth_key is empty: every load balancer websocket will be refused (4001)"
             )
 
-    async def close(self) -> None:
+    async def stop(self, deadline: float) -> None:
         """Close every link with GOING_AWAY, then stop listening."""
         if self._runner is None:
             return
-        await asyncio.gather(*(self._close(ws, WSCloseCode.GOING_AWAY) for ws in self._links))
+        await asyncio.gather(*(close(ws, WSCloseCode.GOING_AWAY) for ws in self._links))
         await self._runner.cleanup()
         self._runner = None
 
     def health(self) -> dict[str, Any]:
-        return {"port": self.port, "connections": len(self._links), "refused": self.refused}
+        inbound = {"port": self.port, "connections": len(self._links), "refused": self.refused}
+        return {"loadBalancer": {"inbound": inbound}}
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        key = self._runtime.config.auth.lb_auth_key
+        key = self._config.auth.lb_auth_key
         offered = [
             token.strip()
             for token in request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "").split(",")
@@ -94,14 +108,14 @@ class InboundServer:
         )
         await ws.prepare(request)
         self._links.add(ws)
-        feed = StatusFeed(self._runtime.slots, period=STATUS_EVERY)
+        feed = StatusFeed(self._slots, period=STATUS_EVERY)
         sender = asyncio.create_task(self._push(ws, feed), name="lb-inbound-status")
         peer = request.remote
         _log.info("load balancer connected (inbound)", peer=peer, connections=len(self._links))
         try:
             async for message in ws:
                 if message.type == WSMsgType.TEXT and message.data.strip() == "ping":
-                    await _send(ws, ping_reply(self._runtime.slots.state()))
+                    await send(ws, ping_reply(self._slots.state()))
                 # Anything else is ignored: the Andera balancer sends only `ping`.
         except (TimeoutError, ConnectionError) as exc:
             _log.warning("load balancer link (inbound) failed", peer=peer, reason=str(exc))
@@ -111,7 +125,7 @@ class InboundServer:
             self._links.discard(ws)
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
-            await self._close(ws, WSCloseCode.OK)
+            await close(ws, WSCloseCode.OK)
         _log.info(
             "load balancer disconnected (inbound)",
             peer=peer,
@@ -133,31 +147,19 @@ class InboundServer:
             peer=request.remote,
             protocols_offered=offered,
         )
-        await self._close(ws, CLOSE_UNAUTHORIZED, b"Unauthorized")
+        await close(ws, CLOSE_UNAUTHORIZED, b"Unauthorized")
         return ws
 
     async def _push(self, ws: web.WebSocketResponse, feed: StatusFeed) -> None:
         """Send the status at once, then every second and on every change."""
         try:
             while not ws.closed:
-                await _send(ws, inbound_status(await feed.next()))
+                await send(ws, inbound_status(await feed.next()))
         except (TimeoutError, ConnectionError) as exc:
             # A balancer that stopped reading: drop it rather than buffer for it.
             _log.warning("load balancer link (inbound) stalled, closing", reason=str(exc))
-            await self._close(ws, WSCloseCode.POLICY_VIOLATION)
-
-    @staticmethod
-    async def _close(ws: web.WebSocketResponse, code: int, message: bytes = b"") -> None:
-        # On timeout aiohttp closes the transport itself.
-        with contextlib.suppress(TimeoutError, ConnectionError):
-            async with asyncio.timeout(CLOSE_TIMEOUT + 1):
-                await ws.close(code=code, message=message)
+            await close(ws, WSCloseCode.POLICY_VIOLATION)
 
 
 def _same(offered: str, key: str) -> bool:
     return bool(key) and hmac.compare_digest(offered.encode(), key.encode())
-
-
-async def _send(ws: web.WebSocketResponse, body: dict[str, Any]) -> None:
-    async with asyncio.timeout(SEND_TIMEOUT):
-        await ws.send_str(json.dumps(body))

@@ -20,6 +20,8 @@ from typing import Any, TextIO
 import structlog
 
 from worker import jsoncodec
+from worker.config import Config
+from worker.parts import Part
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -53,6 +55,7 @@ class LogBuffer:
     def __init__(self, max_lines: int) -> None:
         self.lines: deque[str] = deque(maxlen=max_lines)
         self._listeners: list[Listener] = []
+        self._closers: list[Callable[[], None]] = []
 
     def resize(self, max_lines: int) -> None:
         if max_lines != self.lines.maxlen:
@@ -63,10 +66,22 @@ class LogBuffer:
             return list(self.lines)
         return list(self.lines)[len(self.lines) - count :] if count > 0 else []
 
-    def listen(self, listener: Listener) -> Callable[[], None]:
-        """Call `listener(line)` for every new line (it must never block); returns the undo."""
+    def listen(self, listener: Listener, on_close: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener(line)` for every new line (it must never block) and `on_close()` when
+        the daemon stops; returns the undo."""
         self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
+        self._closers.append(on_close)
+
+        def undo() -> None:
+            self._listeners.remove(listener)
+            self._closers.remove(on_close)
+
+        return undo
+
+    def close(self) -> None:
+        """Tell every listener that no more lines will come (it then undoes its listen)."""
+        for on_close in list(self._closers):
+            on_close()
 
     def append(self, line: str) -> None:
         self.lines.append(line)
@@ -176,15 +191,27 @@ def _journal_prefix(renderer: Any) -> Any:
     return render
 
 
-class Logging:
-    """The configured pipeline; `apply` may be called again on reload."""
+class Logging(Part):
+    """The configured pipeline and the /logs buffer; `configure` may be called again."""
+
+    name = "logging"
 
     def __init__(self, buffer: LogBuffer, output: TextIO | None = None) -> None:
         self.buffer = buffer
         self.sink = _Sink(output or sys.stdout, buffer)
         self.format = "console"
+        self._configured: tuple[str, Mapping[str, str]] = ("console", {})
 
-    def apply(
+    def apply(self, new: Config) -> None:
+        # The output format is read only at start-up (`logging.format` needs a restart).
+        fmt, environ = self._configured
+        self.buffer.resize(new.logging.max_lines)
+        self.configure(new.logging.level, fmt, new.secrets(), environ)
+
+    async def stop(self, deadline: float) -> None:
+        self.buffer.close()
+
+    def configure(
         self,
         level: str,
         fmt: str,
@@ -192,6 +219,7 @@ class Logging:
         environ: Mapping[str, str] | None = None,
     ) -> None:
         environ = os.environ if environ is None else environ
+        self._configured = (fmt, environ)
         self.format = resolve_format(fmt, self.sink.output, environ)
         # Longest first, so a secret containing another is masked whole.
         self.sink.secrets = tuple(sorted(set(secrets), key=len, reverse=True))

@@ -15,11 +15,9 @@ from collections import deque
 
 from aiohttp import web
 
-from worker import auth
 from worker.errors import BadRequest
 from worker.logs import LogBuffer
 from worker.responses import json_response
-from worker.runtime import Runtime
 
 FOLLOW_QUEUE = 1000  # lines a follower may fall behind before it loses some
 ALIVE_CHECK = 2.0  # seconds between checks that an idle follower's client is still there
@@ -40,7 +38,7 @@ class Follower:
         self._lock = threading.Lock()  # functions running in threads log too
         self._ready = asyncio.Event()
         self.closed = False
-        self._undo = buffer.listen(self._on_line)
+        self._undo = buffer.listen(self._on_line, self.close)
 
     def _on_line(self, line: str) -> None:
         with self._lock:
@@ -83,16 +81,6 @@ class Follower:
             self._ready.set()
 
 
-FOLLOWERS: web.AppKey[set[Follower]] = web.AppKey("log_followers")
-
-
-async def stop_following(app: web.Application) -> None:
-    """on_shutdown: end every follow so that the server does not wait for them."""
-    followers: set[Follower] = app[FOLLOWERS]
-    for follower in list(followers):
-        follower.close()
-
-
 def _count(value: str | None) -> int | None:
     if value is None:
         return None
@@ -116,21 +104,19 @@ def _follow(value: str | None) -> bool:
     )
 
 
-async def answer(request: web.Request, runtime: Runtime) -> web.StreamResponse:
-    """`{"logs": [...]}`, oldest first; with `follow=1`, new lines as text until the client goes."""
-    auth.require_any(request.headers, runtime.config.auth)
+async def answer(request: web.Request, logs: LogBuffer) -> web.StreamResponse:
+    """`{"logs": [...]}`, oldest first; with `follow=1`, new lines as text until the client goes
+    or the daemon stops."""
     count = _count(request.query.get("lines"))
     if not _follow(request.query.get("follow")):
-        return json_response({"logs": runtime.logs.tail(count)})
+        return json_response({"logs": logs.tail(count)})
     # Listen before anything else so that no line written after the request arrived is missed.
-    follower = Follower(runtime.logs)
-    followers = request.app[FOLLOWERS]
-    followers.add(follower)
+    follower = Follower(logs)
     response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
     response.content_type = "text/plain"
     response.charset = "utf-8"
     try:
-        backlog = runtime.logs.tail(count) if count else []
+        backlog = logs.tail(count) if count else []
         await response.prepare(request)
         if backlog:
             await response.write(("\n".join(backlog) + "\n").encode())
@@ -145,5 +131,4 @@ async def answer(request: web.Request, runtime: Runtime) -> web.StreamResponse:
         pass  # the client left
     finally:
         follower.close()
-        followers.discard(follower)
     return response

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import sdnotify
 
-from worker.slots import SlotState
+from worker.parts import Part, cancel_and_wait
+from worker.slots import SlotManager, SlotState
 
 STATUS_INTERVAL = 1.0  # at most one STATUS= line a second
 
@@ -33,17 +34,17 @@ class Notifier:
         watchdog_pid = environ.get("WATCHDOG_PID", "")
         if self._systemd and usec.isdigit() and int(usec) > 0 and watchdog_pid in ("", str(pid)):
             self.watchdog_interval = int(usec) / 2_000_000
-        self._status_sent = 0.0
-        self._pending: asyncio.TimerHandle | None = None
-        self._latest = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self._systemd is not None
 
     def send(self, *fields: str) -> None:
         if self._systemd is not None:
             self._systemd.notify("\n".join(fields))
 
     def ready(self, state: SlotState) -> None:
-        self._latest = status_line(state)
-        self.send("READY=1", f"STATUS={self._latest}")
+        self.send("READY=1", f"STATUS={status_line(state)}")
 
     def reloading(self) -> None:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -55,32 +56,66 @@ class Notifier:
     def extend_stop(self, seconds: float) -> None:
         self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
 
-    def on_slots(self, state: SlotState) -> None:
-        """Slot subscriber: a STATUS= line on change, coalesced to one a second."""
-        if self._systemd is None:
-            return
+
+class StatusLine(Part):
+    """A STATUS= line whenever the slots change, coalesced to one a second."""
+
+    name = "status notifier"
+
+    def __init__(self, notifier: Notifier, slots: SlotManager) -> None:
+        self._notifier = notifier
+        self._slots = slots
+        self._sent_at = 0.0
+        self._pending: asyncio.TimerHandle | None = None
+        self._latest = ""
+        self._unsubscribe: Callable[[], None] | None = None
+
+    async def start(self) -> None:
+        if self._notifier.enabled:
+            self._unsubscribe = self._slots.subscribe(self._on_slots)
+
+    async def stop(self, deadline: float) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+
+    def _on_slots(self, state: SlotState) -> None:
         self._latest = status_line(state)
         if self._pending is not None:
             return
-        wait = self._status_sent + STATUS_INTERVAL - time.monotonic()
+        wait = self._sent_at + STATUS_INTERVAL - time.monotonic()
         if wait <= 0:
-            self._send_status()
+            self._send()
         else:
-            self._pending = asyncio.get_running_loop().call_later(wait, self._send_status)
+            self._pending = asyncio.get_running_loop().call_later(wait, self._send)
 
-    def _send_status(self) -> None:
+    def _send(self) -> None:
         self._pending = None
-        self._status_sent = time.monotonic()
-        self.send(f"STATUS={self._latest}")
+        self._sent_at = time.monotonic()
+        self._notifier.send(f"STATUS={self._latest}")
 
-    async def watchdog(self) -> None:
-        """Ping from the event loop itself, so a stalled loop stops the pings."""
-        if self.watchdog_interval is None:
-            return
+
+class Watchdog(Part):
+    """WATCHDOG=1 from the event loop itself, so a stalled loop stops the pings."""
+
+    name = "watchdog"
+
+    def __init__(self, notifier: Notifier) -> None:
+        self._notifier = notifier
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        interval = self._notifier.watchdog_interval
+        if interval is not None:
+            self._task = asyncio.create_task(self._ping(interval), name="watchdog")
+
+    async def stop(self, deadline: float) -> None:
+        await cancel_and_wait(self._task)
+
+    async def _ping(self, interval: float) -> None:
         while True:
-            self.send("WATCHDOG=1")
-            await asyncio.sleep(self.watchdog_interval)
-
-    def close(self) -> None:
-        if self._pending is not None:
-            self._pending.cancel()
+            self._notifier.send("WATCHDOG=1")
+            await asyncio.sleep(interval)

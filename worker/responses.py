@@ -1,16 +1,20 @@
-"""JSON answers shared by the HTTP handlers and the response modes."""
+"""JSON answers, and mode sync: the answer for a task once it has ended."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from worker.runner import Outcome
-from worker.tasks import TaskResult
+from worker.jsoncodec import NotJSON, dumps_result
+from worker.outcomes import Outcome, verdict
+from worker.tasks import Dispatcher, TaskResult, TaskSpec
 
-OUTCOME_STATUS = {Outcome.FAILED: 500, Outcome.TIMED_OUT: 504, Outcome.CANCELLED: 503}
+# How a mode answers an accepted task's request: sync, stream or webhook.
+Answer = Callable[[web.Request, TaskSpec], Awaitable[web.StreamResponse]]
+RETRY_AFTER = "5"  # seconds, on every 503
 
 
 def json_response(
@@ -26,13 +30,22 @@ def result_response(result: TaskResult) -> web.Response:
     headers = {"X-Task-Id": result.task_id}
     if result.outcome is Outcome.SUCCEEDED:
         try:
-            text = json.dumps({"success": True, "result": result.value}, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            body = {"success": False, "error": f"Function result is not JSON-serialisable: {exc}"}
-            return json_response(body, 500, headers)
+            text = dumps_result({"success": True, "result": result.value})
+        except NotJSON as exc:
+            return json_response({"success": False, "error": str(exc)}, 500, headers)
         return web.Response(text=text, headers=headers, content_type="application/json")
-    if result.outcome is Outcome.CANCELLED:
-        headers["Retry-After"] = "5"
-    return json_response(
-        {"success": False, "error": result.error}, OUTCOME_STATUS[result.outcome], headers
-    )
+    status = verdict(result.outcome, result.reason).status
+    if status == 503:
+        headers["Retry-After"] = RETRY_AFTER
+    return json_response({"success": False, "error": result.error}, status, headers)
+
+
+class SyncMode:
+    """Mode sync: the task's result is the answer to its request."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    async def __call__(self, request: web.Request, spec: TaskSpec) -> web.StreamResponse:
+        job = self._dispatcher.submit(spec)
+        return result_response(await job.result())

@@ -1,23 +1,19 @@
-"""Running one function call: its three forms, its timeout and its retries."""
+"""Running one function call: its three forms, its timeout and its retries; and the thread pool
+that plain `def` functions run in."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import contextvars
-import enum
 from dataclasses import dataclass
 from typing import Any
 
+from worker.config import Config
 from worker.context import TaskContext
 from worker.functions import FunctionSpec
-
-
-class Outcome(enum.Enum):
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-    CANCELLED = "cancelled"
+from worker.outcomes import Outcome, Reason
+from worker.parts import Part
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +25,7 @@ class RunResult:
     error: str | None = None
     attempts: int = 1
     overrun: concurrent.futures.Future[Any] | None = None
+    reason: Reason | None = None
 
 
 def _error_text(exc: BaseException) -> str:
@@ -40,8 +37,10 @@ def _output_began(ctx: TaskContext) -> bool:
     return ctx.stream is not None and ctx.stream.began
 
 
-class Runner:
+class Runner(Part):
     """Calls functions: coroutines on the loop, plain `def`s in threads, generators drained."""
+
+    name = "thread pool"
 
     def __init__(self, default_timeout: float) -> None:
         self.default_timeout = default_timeout
@@ -50,7 +49,11 @@ class Runner:
             max_workers=1024, thread_name_prefix="function"
         )
 
-    def close(self) -> None:
+    def apply(self, new: Config) -> None:
+        self.default_timeout = new.worker.default_timeout
+
+    async def stop(self, deadline: float) -> None:
+        # A thread cannot be killed: what still runs was accounted for by the drain.
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def run(self, spec: FunctionSpec, params: dict[str, Any], ctx: TaskContext) -> RunResult:
@@ -67,7 +70,12 @@ class Runner:
                 or _output_began(ctx)
             ):
                 return RunResult(
-                    result.outcome, result.value, result.error, attempt, result.overrun
+                    result.outcome,
+                    result.value,
+                    result.error,
+                    attempt,
+                    result.overrun,
+                    result.reason,
                 )
             ctx.log.warning("attempt failed, retrying", attempt=attempt, error=result.error)
 
@@ -88,7 +96,10 @@ class Runner:
         except TimeoutError:
             overrun = thread if thread is not None and not thread.done() else None
             return RunResult(
-                Outcome.TIMED_OUT, error=f"Function timed out after {seconds:g}s", overrun=overrun
+                Outcome.TIMED_OUT,
+                error=f"Function timed out after {seconds:g}s",
+                overrun=overrun,
+                reason=Reason.TIMEOUT,
             )
         except asyncio.CancelledError:
             raise

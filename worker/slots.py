@@ -15,10 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from worker.config import Config
 from worker.errors import Unavailable
+from worker.parts import Part
 
 Status = Literal["ready", "maintenance", "draining"]
 Subscriber = Callable[["SlotState"], None]
+REFUSALS: dict[Status, str] = {
+    "maintenance": "Worker is in maintenance mode",
+    "draining": "Worker is draining for shutdown",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +102,10 @@ class Admission:
         self._manager._abandon(self)
 
 
-class SlotManager:
+class SlotManager(Part):
     """`limit` parallel slots, a queue of at most `max_queue` behind them, and the worker status."""
+
+    name = "slots"
 
     def __init__(self, limit: int, max_queue: int, status: Status = "ready") -> None:
         self._limit = limit
@@ -131,6 +139,10 @@ class SlotManager:
     def set_max_queue(self, max_queue: int) -> None:
         self._max_queue = max_queue
 
+    def apply(self, new: Config) -> None:
+        self.resize(new.worker.slots)
+        self.set_max_queue(new.worker.max_queue)
+
     def resize(self, limit: int) -> None:
         """Change the slot count live; shrinking never cancels work, it only stops handing out."""
         if limit < 1:
@@ -142,7 +154,7 @@ class SlotManager:
     def admit(self, priority: int) -> Admission:
         """Take a place for a new task, or refuse it with the 503 the client should get."""
         if self._status != "ready":
-            raise Unavailable("Worker is in maintenance mode")
+            raise Unavailable(REFUSALS[self._status])
         admission = Admission(self, priority, next(self._seq))
         if self._used < self._limit and self._queued == 0:
             self._used += 1

@@ -17,13 +17,12 @@ from typing import Any
 
 from aiohttp import web
 
+from worker.jsoncodec import NotJSON, dumps_result
+from worker.outcomes import Outcome, Reason
 from worker.responses import result_response
-from worker.runner import Outcome
-from worker.runtime import Runtime
-from worker.tasks import Job, TaskResult, TaskSpec
+from worker.tasks import Dispatcher, Job, TaskResult, TaskSpec
 
 EVENT_STREAM = "text/event-stream"
-CLIENT_GONE = "client disconnected from the stream"
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
@@ -34,12 +33,13 @@ def wants_events(request: web.Request) -> bool:
 
 
 def chunk_text(chunk: Any) -> str:
-    """A chunk as text: strings as they are, bytes as UTF-8, anything else as JSON."""
+    """A chunk as text: strings as they are, bytes as UTF-8, anything else as JSON (NotJSON
+    when it cannot be)."""
     if isinstance(chunk, str):
         return chunk
     if isinstance(chunk, bytes | bytearray):
         return bytes(chunk).decode("utf-8", errors="replace")
-    return json.dumps(chunk)
+    return dumps_result(chunk)
 
 
 def event_frame(data: str, event: str | None = None) -> bytes:
@@ -94,10 +94,11 @@ class StreamAnswer:
         """Cancel the task whose client left; the writer in its own task is cancelled directly
         (cancelling the running task from inside would only land at its next await)."""
         task = self.job.task if self.job is not None else None
+        gone = Reason.CLIENT_GONE_STREAMING
         if task is None or task is asyncio.current_task():
-            return asyncio.CancelledError(CLIENT_GONE)
-        task.cancel(CLIENT_GONE)
-        return ConnectionResetError(CLIENT_GONE)
+            return asyncio.CancelledError(gone)
+        task.cancel(gone)
+        return ConnectionResetError(gone.value)
 
     async def finish(self, result: TaskResult) -> web.StreamResponse:
         """End the answer according to how the task ended."""
@@ -106,9 +107,8 @@ class StreamAnswer:
         if result.outcome is Outcome.SUCCEEDED and result.value is not None:
             try:
                 chunk_text(result.value)
-            except (TypeError, ValueError) as exc:
-                error = f"Function result is not JSON-serialisable: {exc}"
-                result = TaskResult(result.task_id, Outcome.FAILED, error=error)
+            except NotJSON as exc:
+                result = TaskResult(result.task_id, Outcome.FAILED, error=str(exc))
         if result.outcome is Outcome.SUCCEEDED:
             try:
                 if result.value is not None:  # a streaming function that returned instead
@@ -138,15 +138,20 @@ class StreamAnswer:
         await self.response.write_eof()
 
 
-async def answer(request: web.Request, runtime: Runtime, spec: TaskSpec) -> web.StreamResponse:
-    """Run the task with its output streamed to this request."""
-    stream = StreamAnswer(request, spec.task_id, wants_events(request))
-    job = runtime.dispatcher.submit(spec, stream=stream)
-    stream.job = job
-    try:
-        result = await job.result()
-    except asyncio.CancelledError:
-        # The client left (handler cancelled): unlike sync, a stream stops with its client.
-        job.task.cancel(CLIENT_GONE)
-        raise
-    return await stream.finish(result)
+class StreamMode:
+    """Mode stream: the task runs with its output streamed to its request."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    async def __call__(self, request: web.Request, spec: TaskSpec) -> web.StreamResponse:
+        stream = StreamAnswer(request, spec.task_id, wants_events(request))
+        job = self._dispatcher.submit(spec, stream=stream)
+        stream.job = job
+        try:
+            result = await job.result()
+        except asyncio.CancelledError:
+            # The client left (handler cancelled): unlike sync, a stream stops with its client.
+            job.task.cancel(Reason.CLIENT_GONE_STREAMING)
+            raise
+        return await stream.finish(result)

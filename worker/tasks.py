@@ -19,13 +19,11 @@ import structlog
 
 from worker.context import Mode, StreamWriter, TaskContext
 from worker.functions import FunctionSpec
-from worker.runner import Outcome, Runner, RunResult
+from worker.outcomes import Outcome, Reason, reason_of, verdict
+from worker.runner import Runner, RunResult
 from worker.slots import Admission, Lease, SlotManager
 
 _log = structlog.get_logger("worker.tasks")
-
-CLIENT_GONE = "client disconnected while queued"
-SHUTTING_DOWN = "Task cancelled: the worker is shutting down"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +54,7 @@ class TaskResult:
     error: str | None = None
     queue_wait: float = 0.0
     run_time: float = 0.0
+    reason: Reason | None = None
 
 
 class Job:
@@ -72,7 +71,7 @@ class Job:
     def abandon(self) -> None:
         """The client left: a queued task leaves the queue; a running one runs to completion."""
         if not self.running:
-            self.task.cancel(CLIENT_GONE)
+            self.task.cancel(Reason.CLIENT_GONE_QUEUED)
 
     async def result(self) -> TaskResult:
         """Wait for the outcome on behalf of the client; if the client goes, abandon the task."""
@@ -85,10 +84,21 @@ class Job:
             self.abandon()
             raise
 
+    def cancel_reason(self) -> Reason:
+        """Why a job cancelled before its first step was cancelled."""
+        try:
+            self.task.result()
+        except asyncio.CancelledError as exc:
+            return reason_of(exc)
+        return Reason.SHUTDOWN
+
     def finished(self) -> TaskResult:
         """The outcome of a job that is done, also one cancelled before it ever ran."""
         if self.task.cancelled():
-            return TaskResult(self.spec.task_id, Outcome.CANCELLED, error=SHUTTING_DOWN)
+            reason = self.cancel_reason()
+            return TaskResult(
+                self.spec.task_id, Outcome.CANCELLED, error=reason.value, reason=reason
+            )
         failure = self.task.exception()
         if failure is not None:  # _run records every outcome itself; this is a bug's trace
             error = f"internal error: {failure!r}"
@@ -125,7 +135,15 @@ class Dispatcher:
             # Cancelled before its first step, so _run never saw it: give back its place here.
             job.admission.abandon()
             self.counts[Outcome.CANCELLED] += 1
-            _log.info("task", task_id=job.spec.task_id, outcome="cancelled", error="before start")
+            reason = job.cancel_reason()
+            _log.log(
+                verdict(Outcome.CANCELLED, reason).level,
+                "task",
+                task_id=job.spec.task_id,
+                function=job.spec.function.name,
+                outcome=Outcome.CANCELLED.value,
+                error=f"{reason.value} (before start)",
+            )
         self._jobs.discard(job)
         if not self._jobs:
             self._all_done.set()
@@ -134,7 +152,7 @@ class Dispatcher:
         """Return once every accepted task has an outcome."""
         await self._all_done.wait()
 
-    def cancel_all(self, reason: str = SHUTTING_DOWN) -> int:
+    def cancel_all(self, reason: Reason = Reason.SHUTDOWN) -> int:
         """Cancel every task still queued or running; returns how many were cancelled."""
         for job in self._jobs:
             job.task.cancel(reason)
@@ -154,8 +172,8 @@ class Dispatcher:
             started = time.monotonic()
             result = await self.runner.run(spec.function, spec.params, ctx)
         except asyncio.CancelledError as exc:
-            reason = exc.args[0] if exc.args else SHUTTING_DOWN
-            result = RunResult(Outcome.CANCELLED, error=str(reason))
+            reason = reason_of(exc)
+            result = RunResult(Outcome.CANCELLED, error=reason.value, reason=reason)
         finally:
             if lease is not None:
                 if result.overrun is not None:
@@ -168,7 +186,13 @@ class Dispatcher:
         self.counts[result.outcome] += 1
         self._log_summary(log, spec, result, queue_wait, run_time)
         return TaskResult(
-            spec.task_id, result.outcome, result.value, result.error, queue_wait, run_time
+            spec.task_id,
+            result.outcome,
+            result.value,
+            result.error,
+            queue_wait,
+            run_time,
+            result.reason,
         )
 
     @staticmethod
@@ -184,11 +208,12 @@ class Dispatcher:
         }
         if result.attempts > 1:
             fields["attempts"] = result.attempts
-        if result.outcome is Outcome.SUCCEEDED:
-            log.info("task", **fields)
-            if spec.function.log_result and log.is_enabled_for(logging.DEBUG):
-                log.debug("task result", result=repr(result.value)[:500])
-        elif result.outcome is Outcome.CANCELLED and result.error == CLIENT_GONE:
-            log.info("task", **fields, error=result.error)
-        else:
-            log.warning("task", **fields, error=result.error)
+        if result.outcome is not Outcome.SUCCEEDED:
+            fields["error"] = result.error
+        log.log(verdict(result.outcome, result.reason).level, "task", **fields)
+        if (
+            result.outcome is Outcome.SUCCEEDED
+            and spec.function.log_result
+            and log.is_enabled_for(logging.DEBUG)
+        ):
+            log.debug("task result", result=repr(result.value)[:500])

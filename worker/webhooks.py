@@ -13,9 +13,8 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import structlog
@@ -24,13 +23,12 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from worker import __version__
-from worker.config import WebhookSection
+from worker.config import Config, WebhookSection
+from worker.jsoncodec import NotJSON, dumps_result
+from worker.outcomes import Outcome
+from worker.parts import Part
 from worker.responses import json_response
-from worker.runner import Outcome
-from worker.tasks import Job, TaskResult, TaskSpec
-
-if TYPE_CHECKING:
-    from worker.runtime import Runtime
+from worker.tasks import Dispatcher, Job, TaskResult, TaskSpec
 
 _log = structlog.get_logger("worker.webhooks")
 
@@ -53,9 +51,9 @@ def payload(spec: TaskSpec, result: TaskResult) -> bytes:
     body: dict[str, Any] = {"task_id": spec.task_id, "function": spec.function.name}
     if result.outcome is Outcome.SUCCEEDED:
         try:
-            return json.dumps({**body, "success": True, "result": result.value}).encode()
-        except (TypeError, ValueError) as exc:
-            error = f"Function result is not JSON-serialisable: {exc}"
+            return dumps_result({**body, "success": True, "result": result.value}).encode()
+        except NotJSON as exc:
+            error = str(exc)
     else:
         error = result.error or result.outcome.value
     return json.dumps({**body, "success": False, "error": error}).encode()
@@ -96,10 +94,15 @@ def _target(url: str) -> str:
         return "<invalid URL>"
 
 
-class Deliveries:
+STOPPING = "the worker is stopping"
+
+
+class Deliveries(Part):
     """Every webhook result not yet delivered, and the client session that delivers them."""
 
-    def __init__(self, settings: Callable[[], WebhookSection]) -> None:
+    name = "webhook deliveries"
+
+    def __init__(self, settings: WebhookSection) -> None:
         # Read at the start of each delivery, so a reload applies to the next ones.
         self._settings = settings
         self._session: aiohttp.ClientSession | None = None
@@ -108,20 +111,32 @@ class Deliveries:
         self._idle.set()
         self.delivered = 0
         self.failed = 0
+        self.abandoned = 0  # results given up on because the worker stopped
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
-    def describe(self) -> dict[str, int]:
-        """The `webhooks` section of the detailed /health."""
-        return {"pending": self.pending, "delivered": self.delivered, "failed": self.failed}
+    def health(self) -> dict[str, Any]:
+        return {
+            "webhooks": {
+                "pending": self.pending,
+                "delivered": self.delivered,
+                "failed": self.failed,
+            }
+        }
 
-    async def open(self) -> None:
+    def apply(self, new: Config) -> None:
+        self._settings = new.webhook
+
+    async def start(self) -> None:
         self._session = aiohttp.ClientSession()
 
-    async def close(self) -> None:
-        """Stop delivering (whatever is left is logged as undelivered) and close the session."""
+    async def stop(self, deadline: float) -> None:
+        """Deliver what is pending until `deadline`, give up on the rest (logged as
+        undelivered), and close the session."""
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=max(deadline - _now(), 0))
         self.abandon()
         if self._pending:
             await asyncio.wait(self._pending)
@@ -136,7 +151,8 @@ class Deliveries:
     def abandon(self) -> int:
         """Cancel every pending delivery; returns how many results were left undelivered."""
         for delivery in self._pending:
-            delivery.cancel("the worker is stopping")
+            delivery.cancel(STOPPING)
+        self.abandoned += len(self._pending)
         return len(self._pending)
 
     async def wait_idle(self) -> None:
@@ -156,7 +172,7 @@ class Deliveries:
 
     async def _deliver(self, spec: TaskSpec, result: TaskResult) -> None:
         assert spec.webhook is not None
-        settings = self._settings()
+        settings = self._settings
         url = spec.webhook.url
         body = payload(spec, result)
         headers = request_headers(spec, body, settings)
@@ -186,7 +202,7 @@ class Deliveries:
                 await asyncio.sleep(max(delay, outcome.retry_after))
         except asyncio.CancelledError:
             self.failed += 1
-            log.warning("webhook undelivered", attempts=attempt, error="the worker is stopping")
+            log.warning("webhook undelivered", attempts=attempt, error=STOPPING)
             raise
         self.failed += 1
         log.warning("webhook undelivered", attempts=attempt, error=outcome.error)
@@ -195,7 +211,7 @@ class Deliveries:
         self, url: str, body: bytes, headers: CIMultiDict[str], seconds: float
     ) -> Attempt:
         if self._session is None:
-            return Attempt(False, False, error="the worker is stopping")
+            return Attempt(False, False, error=STOPPING)
         try:
             async with self._session.post(
                 url,
@@ -219,13 +235,23 @@ class Deliveries:
         return Attempt(False, retry, status, f"HTTP {status}", retry_after)
 
 
-async def answer(request: web.Request, runtime: Runtime, spec: TaskSpec) -> web.Response:
-    """202 as soon as the task is accepted; the result follows by POST to `webhook.url`."""
-    job = runtime.dispatcher.submit(spec)
-    runtime.deliveries.follow(job)
-    body = {
-        "success": True,
-        "task_id": spec.task_id,
-        "message": "Task accepted; its result will be POSTed to the webhook URL",
-    }
-    return json_response(body, 202, {"X-Task-Id": spec.task_id})
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+class WebhookMode:
+    """Mode webhook: 202 as soon as the task is accepted; the result follows by POST."""
+
+    def __init__(self, dispatcher: Dispatcher, deliveries: Deliveries) -> None:
+        self._dispatcher = dispatcher
+        self._deliveries = deliveries
+
+    async def __call__(self, request: web.Request, spec: TaskSpec) -> web.StreamResponse:
+        job = self._dispatcher.submit(spec)
+        self._deliveries.follow(job)
+        body = {
+            "success": True,
+            "task_id": spec.task_id,
+            "message": "Task accepted; its result will be POSTed to the webhook URL",
+        }
+        return json_response(body, 202, {"X-Task-Id": spec.task_id})
