@@ -195,9 +195,11 @@ def check_tags(value: Any, observed: Observed, message: str) -> None:
     assert value == {"python": platform.python_version()}  # worker.examples' tag
 
 
-def slot(name: str, used: int) -> Check:
-    expected = {"used": used, "available": SLOTS - used, "limit": SLOTS, "queue": 0}[name]
-    return equals(lambda observed, message: expected)
+IDLE_SLOTS = {"used": 0, "available": SLOTS, "limit": SLOTS, "queue": 0}  # no task was sent
+
+
+def slot(name: str) -> Check:
+    return equals(lambda observed, message: IDLE_SLOTS[name])
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,7 @@ class Field:
 
 
 EVERYWHERE = MESSAGES
+OUTBOUND_TYPES = {"register": "register", "outbound status": "status"}
 SYSTEM = ("health", "status", "outbound status")
 FIELDS = [
     Field("status", "string", EVERYWHERE, check_status),
@@ -218,15 +221,17 @@ FIELDS = [
     Field("functions", "array", ("health", "register"), check_functions),
     Field("services", "array", ("health", "status"), check_services),
     Field("tags", "object", ("health",), check_tags),
-    Field("slots.used", "integer", EVERYWHERE, slot("used", used=0)),
-    Field("slots.available", "integer", EVERYWHERE, slot("available", used=0)),
-    Field("slots.limit", "integer", EVERYWHERE, slot("limit", used=0)),
-    Field("slots.queue", "integer", EVERYWHERE, slot("queue", used=0)),
+    Field("slots.used", "integer", EVERYWHERE, slot("used")),
+    Field("slots.available", "integer", EVERYWHERE, slot("available")),
+    Field("slots.limit", "integer", EVERYWHERE, slot("limit")),
+    Field("slots.queue", "integer", EVERYWHERE, slot("queue")),
     Field("system.cpuLoad", "number", SYSTEM, check_cpu_load),
     Field("system.usedMemoryPercent", "number", SYSTEM, check_memory),
     Field("system.uptime", "number", SYSTEM, check_uptime),
     Field("version", "string", ("health", "register"), equals(lambda o, m: __version__)),
-    Field("type", "string", ("register", "outbound status"), equals(lambda o, m: m.split()[-1])),
+    Field(
+        "type", "string", ("register", "outbound status"), equals(lambda o, m: OUTBOUND_TYPES[m])
+    ),
     Field("url", "string", ("register",), equals(lambda o, m: o.url)),
 ]
 
@@ -243,7 +248,7 @@ def test_field_has_the_andera_type_and_unit(field: Field, message: str, observed
 
 
 def andera_score(message: dict[str, Any]) -> float:
-    """The Andera balancer's choice among candidates (selectBestWorker), highest first."""
+    """The score the Andera balancer ranks candidates by (selectBestWorker: highest wins)."""
     system = message.get("system", {})
     cpu_load = system.get("cpuLoad", 0)
     memory = system.get("usedMemoryPercent", 0)
