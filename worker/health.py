@@ -23,10 +23,12 @@ def _used_memory_percent() -> float:
 
 
 def system() -> dict[str, float]:
-    """Process uptime (s), 1-minute load as a percentage of all cores, and used memory (%)."""
+    """Process uptime (s), 1-minute load ÷ CPU count (a fraction), and used memory (%)."""
     cores = os.cpu_count() or 1
     return {
         "uptime": round(time.monotonic() - _started, 1),
-        "cpuLoad": round(100.0 * os.getloadavg()[0] / cores, 1),
+        # The Andera balancer weighs cpuLoad * 5 against free slots * 10: a fraction, unrounded,
+        # exactly as the TypeScript worker sends it.
+        "cpuLoad": os.getloadavg()[0] / cores,
         "usedMemoryPercent": _used_memory_percent(),
     }
