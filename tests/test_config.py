@@ -129,6 +129,17 @@ def test_environment_names_and_units(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "level"),
+    [("warn", "warning"), ("WARN", "warning"), ("INFO", "info"), ("Debug", "debug")],
+)
+def test_log_level_from_the_environment_reads_like_andera(
+    tmp_path: Path, text: str, level: str
+) -> None:
+    cfg = load_text(tmp_path, GOOD, {"LOG_LEVEL": text})
+    assert cfg.logging.level == level
+
+
+@pytest.mark.parametrize(
     ("text", "size"),
     [("10mb", 10485760), ("512kb", 524288), ("512KB", 524288), ("1024", 1024), ("1gb", 1 << 30)],
 )

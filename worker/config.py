@@ -212,6 +212,10 @@ def parse_text(opt: Option, text: str) -> Any:
         return parse_size(text)
     if unit == "json":
         return json.loads(text)
+    if typing.get_origin(opt.type) is Literal:
+        # Andera's .env writes LOG_LEVEL=warn, in any case.
+        chosen = text.strip().lower()
+        return "warning" if chosen == "warn" and "warning" in typing.get_args(opt.type) else chosen
     if opt.type is bool:
         lowered = text.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
