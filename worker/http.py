@@ -18,10 +18,14 @@ from worker.functions import Registry
 from worker.logs import LogBuffer
 from worker.maintenance import Maintenance
 from worker.parts import Part
-from worker.responses import Answer, json_response
+from worker.responses import json_response
 from worker.slots import REFUSALS, SlotManager
+from worker.tasks import TaskSpec
 
 _log = structlog.get_logger("worker.http")
+
+# How a mode (sync, stream, webhook) answers the request of a task it was handed.
+Answer = Callable[[web.Request, TaskSpec], Awaitable[web.StreamResponse]]
 
 
 @web.middleware

@@ -29,7 +29,7 @@ from worker import __version__, config, functions, jsoncodec
 from worker.context import Mode
 from worker.errors import ConfigError
 from worker.functions import Registry
-from worker.http import Api
+from worker.http import Answer, Api
 from worker.lb_client import OutboundClient
 from worker.lb_server import InboundServer
 from worker.logs import LogBuffer, Logging
@@ -45,11 +45,11 @@ from worker.parts import (
     start_all,
     stop_all,
 )
-from worker.responses import Answer, SyncMode
 from worker.runner import Runner
 from worker.server import HttpServer
 from worker.slots import SlotManager
 from worker.streaming import StreamMode
+from worker.sync import SyncMode
 from worker.tasks import Dispatcher
 from worker.webhooks import Deliveries, WebhookMode
 
