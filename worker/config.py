@@ -77,6 +77,17 @@ class HttpSection:
         10 * 1024 * 1024, env="REQUEST_BODY_LIMIT", unit="size", minimum=1, restart=True
     )
     openapi: bool = option(True, env="OPENAPI_ENABLED", restart=True)
+    # The connection edge (docs/systemd.md, "Connections and open files").
+    header_timeout: float = option(
+        10.0, minimum=0.001, restart=True, help="seconds to receive a request line and headers"
+    )
+    body_timeout: float = option(30.0, minimum=0.001, help="seconds to receive a request body")
+    keepalive_timeout: float = option(
+        75.0, minimum=0, restart=True, help="seconds an idle connection is kept between requests"
+    )
+    max_connections: int = option(
+        10000, minimum=1, restart=True, help="open client connections at once"
+    )
 
 
 @dataclass(frozen=True)
