@@ -38,6 +38,10 @@ class HttpServer(Part):
             handler_cancellation=True,
             access_log=None,
             shutdown_timeout=SHUTDOWN_TIMEOUT,
+            # aiohttp's default (3630 s) kept idle connections, and their file descriptors, for
+            # an hour. Its timer runs while the connection waits for a complete request head,
+            # from the end of each answer (and from the connection's start), data or not.
+            keepalive_timeout=http.keepalive_timeout,
         )
         await runner.setup()
         if self._inherited:

@@ -1,0 +1,99 @@
+"""The HTTP listener's edge, against a real daemon over raw loopback sockets: idle, slow-header and
+slow-body connections are closed after their timeouts, requests that arrive normally are served,
+and a flood of idle connections cannot stop `/health` from answering."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import AUTH_KEY
+from tests.daemon import Daemon
+
+pytestmark = pytest.mark.timeout(30)
+
+CLOSE_DEADLINE = 10.0  # seconds a test waits for the daemon to close a connection
+
+
+@pytest.fixture
+async def daemons() -> AsyncIterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        await daemon.stop()
+
+
+async def start(daemons: list[Daemon], tmp: Path, **http: object) -> Daemon:
+    daemon = Daemon(tmp, http=dict(http))
+    daemons.append(daemon)
+    await daemon.start()
+    await daemon.wait_ready()
+    return daemon
+
+
+async def connect(daemon: Daemon) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each write its own segment
+    return reader, writer
+
+
+def request(method: str, path: str, body: bytes = b"", **headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    if body or method == "POST":
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 answer with a Content-Length body: status, headers, body."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLOSE_DEADLINE)
+    status_line, *header_lines = head.decode().split("\r\n")[:-2]
+    headers = {
+        name.lower(): value.strip() for name, value in (line.split(":", 1) for line in header_lines)
+    }
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body
+
+
+async def until_closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything the daemon sent until it closed the connection; fails if it does not."""
+    received = b""
+    deadline = time.monotonic() + CLOSE_DEADLINE
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), deadline - time.monotonic()):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        raise AssertionError(f"the daemon kept the connection open; got {received!r}") from None
+    return received
+
+
+async def test_idle_kept_alive_connection_is_closed_after_keepalive_timeout(
+    daemons: list[Daemon], tmp_path: Path
+) -> None:
+    daemon = await start(daemons, tmp_path, keepalive_timeout=1.0)
+    reader, writer = await connect(daemon)
+    # Kept alive: a second request on the same connection is answered...
+    for _ in range(2):
+        writer.write(request("GET", "/health"))
+        status, headers, body = await answer(reader)
+        assert (status, json.loads(body)) == (200, {"status": "ready"})
+        assert headers.get("connection", "keep-alive").lower() != "close"
+    # ...and once idle, the daemon closes it without another byte.
+    assert await until_closed(reader) == b""
+    writer.close()
+    # The listener still serves new connections.
+    reader, writer = await connect(daemon)
+    writer.write(request("GET", "/health", Authorization=AUTH_KEY))
+    status, _, body = await answer(reader)
+    assert status == 200 and json.loads(body)["status"] == "ready"
+    writer.close()
