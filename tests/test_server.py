@@ -5,6 +5,7 @@ and a flood of idle connections cannot stop `/health` from answering."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -37,11 +38,19 @@ async def start(daemons: list[Daemon], tmp: Path, **http: object) -> Daemon:
     return daemon
 
 
-async def connect(daemon: Daemon) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+@contextlib.asynccontextmanager
+async def connect(
+    daemon: Daemon,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each write its own segment
-    return reader, writer
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 def request(method: str, path: str, body: bytes = b"", **headers: str) -> bytes:
@@ -81,19 +90,59 @@ async def test_idle_kept_alive_connection_is_closed_after_keepalive_timeout(
     daemons: list[Daemon], tmp_path: Path
 ) -> None:
     daemon = await start(daemons, tmp_path, keepalive_timeout=1.0)
-    reader, writer = await connect(daemon)
-    # Kept alive: a second request on the same connection is answered...
-    for _ in range(2):
-        writer.write(request("GET", "/health"))
-        status, headers, body = await answer(reader)
-        assert (status, json.loads(body)) == (200, {"status": "ready"})
-        assert headers.get("connection", "keep-alive").lower() != "close"
-    # ...and once idle, the daemon closes it without another byte.
-    assert await until_closed(reader) == b""
-    writer.close()
+    async with connect(daemon) as (reader, writer):
+        # Kept alive: a second request on the same connection is answered...
+        for _ in range(2):
+            writer.write(request("GET", "/health"))
+            status, headers, body = await answer(reader)
+            assert (status, json.loads(body)) == (200, {"status": "ready"})
+            assert headers.get("connection", "keep-alive").lower() != "close"
+        # ...and once idle, the daemon closes it without another byte.
+        assert await until_closed(reader) == b""
     # The listener still serves new connections.
-    reader, writer = await connect(daemon)
-    writer.write(request("GET", "/health", Authorization=AUTH_KEY))
-    status, _, body = await answer(reader)
-    assert status == 200 and json.loads(body)["status"] == "ready"
-    writer.close()
+    async with connect(daemon) as (reader, writer):
+        writer.write(request("GET", "/health", Authorization=AUTH_KEY))
+        status, _, body = await answer(reader)
+        assert status == 200 and json.loads(body)["status"] == "ready"
+
+
+async def test_silent_and_slow_header_connections_are_closed_after_header_timeout(
+    daemons: list[Daemon], tmp_path: Path
+) -> None:
+    daemon = await start(daemons, tmp_path, header_timeout=0.5)
+    events: list[str] = []
+
+    async def silent() -> None:
+        async with connect(daemon) as (reader, _):
+            assert await until_closed(reader) == b""
+            events.append("silent closed")
+
+    async def slow_header() -> None:
+        async with connect(daemon) as (reader, writer):
+            writer.write(b"POST /task HTT")  # then nothing
+            received = await until_closed(reader)
+            assert received.startswith(b"HTTP/1.1 408 "), received
+            assert json.loads(received.split(b"\r\n\r\n", 1)[1])["success"] is False
+            events.append("slow header closed")
+
+    async def normal() -> None:
+        # Arrives with the others, in pieces whose end-of-head is split across two writes,
+        # and runs longer than header_timeout: once its head is in, it is not cut.
+        async with connect(daemon) as (reader, writer):
+            body = json.dumps({"function": "sleep", "contract": 1, "input": {"seconds": 1.5}})
+            whole = request("POST", "/task", body.encode(), Authorization=AUTH_KEY)
+            head_end = whole.index(b"\r\n\r\n")
+            for piece in (whole[:10], whole[10 : head_end + 3], whole[head_end + 3 :]):
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.05)  # pacing, so that each piece is its own segment
+            status, _, answer_body = await answer(reader)
+            assert (status, json.loads(answer_body)) == (
+                200,
+                {"success": True, "result": {"slept": 1.5}},
+            )
+            events.append("normal answered")
+
+    await asyncio.gather(silent(), slow_header(), normal())
+    assert sorted(events[:2]) == ["silent closed", "slow header closed"]
+    assert events[2] == "normal answered"

@@ -92,6 +92,7 @@ class HealthSchema(Schema):
     version = fields.String()
     loadBalancer = fields.Dict()  # the Andera load balancer's field name
     webhooks = fields.Dict(metadata={"description": "pending, delivered, failed"})
+    http = fields.Dict(metadata={"description": "the listener: connections, headerTimeouts"})
 
 
 class LogsSchema(Schema):

@@ -1,12 +1,21 @@
 """The HTTP listener: serves the API's application on the configured address, or on the sockets
-systemd passed (socket activation)."""
+systemd passed (socket activation), and guards the edge where clients connect.
+
+The edge: a new connection must send its first request head within `http.header_timeout`;
+between requests aiohttp's keep-alive timer (`http.keepalive_timeout`) bounds the wait for the
+next head; the body is the API's (`http.body_timeout`).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
+from yarl import URL
 
 from worker.config import Config
 from worker.parts import Part
@@ -17,6 +26,173 @@ _log = structlog.get_logger("worker.server")
 # once, and a dropped SYN is retried only a second later (the kernel caps it at somaxconn).
 LISTEN_BACKLOG = 1024
 SHUTDOWN_TIMEOUT = 5.0  # seconds the closing server waits for requests still being answered
+HEAD_END = b"\r\n\r\n"  # aiohttp's parser accepts no other end of a request head
+
+_HEAD_TIMEOUT_ANSWER = json.dumps(
+    {"success": False, "error": "Request headers not received in time"}
+).encode()
+HEAD_TIMEOUT_ANSWER = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+    % (len(_HEAD_TIMEOUT_ANSWER), _HEAD_TIMEOUT_ANSWER)
+)
+
+
+class Edge:
+    """The listener's protocol factory: each connection goes to aiohttp through a `_Connection`
+    that times its first request head."""
+
+    def __init__(self, server: web.Server, header_timeout: float) -> None:
+        self._server = server
+        self.header_timeout = header_timeout
+        self._open: dict[_Connection, None] = {}
+        self._without_head: dict[_Connection, None] = {}  # oldest first
+        self.header_timeouts = 0
+
+    def __call__(self) -> asyncio.Protocol:
+        return _Connection(self)
+
+    def admit(self, connection: _Connection) -> web.RequestHandler | None:
+        """aiohttp's handler for a new connection."""
+        self._open[connection] = None
+        self._without_head[connection] = None
+        return self._server()
+
+    def head_received(self, connection: _Connection) -> None:
+        del self._without_head[connection]
+
+    def forget(self, connection: _Connection) -> None:
+        self._open.pop(connection, None)
+        self._without_head.pop(connection, None)
+
+    def health(self) -> dict[str, int]:
+        return {
+            "connections": len(self._open),
+            "headerTimeouts": self.header_timeouts,
+        }
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: aiohttp's handler gets every event; until the first request head
+    is complete, a timer runs and each chunk is searched for the head's end. Later heads on a
+    kept-alive connection are bounded by aiohttp's keep-alive timer, and bodies by the API."""
+
+    __slots__ = ("_edge", "_handler", "_tail", "_timer", "_transport")
+
+    def __init__(self, edge: Edge) -> None:
+        self._edge = edge
+        self._handler: web.RequestHandler | None = None
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._tail = b""  # the last bytes of a head in progress: its end may straddle chunks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._handler = self._edge.admit(self)
+        if self._handler is None:
+            transport.close()
+            return
+        self._handler.connection_made(transport)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._edge.header_timeout, self._head_overdue)
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            self._look_for_head_end(data)
+        if self._handler is not None:
+            self._handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self._handler is not None:
+            self._handler.eof_received()
+        return None  # as aiohttp's handler: the transport closes on the client's end of data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
+        self._edge.forget(self)
+        if self._handler is not None:
+            self._handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.resume_writing()
+
+    def close(self) -> None:
+        """Close a connection that has not sent a request head."""
+        self._stop_timer()
+        self._edge.forget(self)
+        if self._transport is not None:
+            self._transport.close()
+
+    def _look_for_head_end(self, data: bytes) -> None:
+        # Only head bytes are searched: the search stops at the first head's end, so a body in
+        # the same chunk is not read, and later chunks are not looked at.
+        if HEAD_END in data or HEAD_END in self._tail + data[: len(HEAD_END) - 1]:
+            self._stop_timer()
+            self._tail = b""
+            self._edge.head_received(self)
+        else:
+            self._tail = (self._tail + data)[-(len(HEAD_END) - 1) :]
+
+    def _head_overdue(self) -> None:
+        self._timer = None
+        self._edge.header_timeouts += 1
+        if self._tail and self._transport is not None:
+            # A head was begun: say why before closing, as for a body too slow (408).
+            self._transport.write(HEAD_TIMEOUT_ANSWER)
+        self.close()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class _EdgeSite(web.BaseSite):
+    """A listening socket whose connections go through the edge (aiohttp's own TCPSite and
+    SockSite give them to its handlers directly)."""
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        edge: Edge,
+        *,
+        sock: socket.socket | None = None,
+        host: str = "",
+        port: int = 0,
+    ) -> None:
+        super().__init__(runner, backlog=LISTEN_BACKLOG)
+        self._edge = edge
+        self._sock = sock
+        self._host = host
+        self._port = port
+        self._listening: asyncio.Server | None = None
+
+    @property
+    def name(self) -> str:
+        bound = self._listening.sockets if self._listening is not None else ()
+        if bound:
+            address = bound[0].getsockname()
+            if bound[0].family == socket.AF_UNIX:
+                return f"http://unix:{address}:"
+            host = self._host or str(address[0])
+            return str(URL.build(scheme="http", host=host, port=int(address[1])))
+        return str(URL.build(scheme="http", host=self._host or "0.0.0.0", port=self._port))
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        if self._sock is not None:
+            listening = await loop.create_server(self._edge, sock=self._sock, backlog=self._backlog)
+        else:
+            listening = await loop.create_server(
+                self._edge, self._host, self._port, backlog=self._backlog, reuse_address=True
+            )
+        self._server = self._listening = listening  # BaseSite.stop closes _server
 
 
 class HttpServer(Part):
@@ -29,6 +205,7 @@ class HttpServer(Part):
         self._config = config
         self._inherited = inherited
         self._runner: web.AppRunner | None = None
+        self._edge: Edge | None = None
         self.addresses: list[str] = []
 
     async def start(self) -> None:
@@ -44,14 +221,12 @@ class HttpServer(Part):
             keepalive_timeout=http.keepalive_timeout,
         )
         await runner.setup()
+        assert runner.server is not None  # set by setup()
+        edge = Edge(runner.server, http.header_timeout)
         if self._inherited:
-            sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in self._inherited]
+            sites = [_EdgeSite(runner, edge, sock=sock) for sock in self._inherited]
         else:
-            sites = [
-                web.TCPSite(
-                    runner, http.host, http.port, reuse_address=True, backlog=LISTEN_BACKLOG
-                )
-            ]
+            sites = [_EdgeSite(runner, edge, host=http.host, port=http.port)]
         try:
             for site in sites:
                 await site.start()
@@ -60,9 +235,13 @@ class HttpServer(Part):
             where = f"{http.host}:{http.port}"
             raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from None
         self._runner = runner
+        self._edge = edge
         self.addresses = [site.name for site in sites]
 
     async def stop(self, deadline: float) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    def health(self) -> dict[str, Any]:
+        return {"http": self._edge.health()} if self._edge is not None else {}
