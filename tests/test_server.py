@@ -146,3 +146,35 @@ async def test_silent_and_slow_header_connections_are_closed_after_header_timeou
     await asyncio.gather(silent(), slow_header(), normal())
     assert sorted(events[:2]) == ["silent closed", "slow header closed"]
     assert events[2] == "normal answered"
+
+
+async def test_slow_body_gets_408_and_is_closed_after_body_timeout(
+    daemons: list[Daemon], tmp_path: Path
+) -> None:
+    daemon = await start(daemons, tmp_path, body_timeout=1.0)
+    events: list[str] = []
+
+    async def slow_body() -> None:
+        async with connect(daemon) as (reader, writer):
+            head = request("POST", "/task", Authorization=AUTH_KEY)
+            writer.write(head.replace(b"Content-Length: 0", b"Content-Length: 100"))
+            writer.write(b'{"functio')  # 10 of the 100 bytes announced, then nothing
+            received = await until_closed(reader)
+            status_line, rest = received.split(b"\r\n", 1)
+            assert status_line.startswith(b"HTTP/1.1 408 "), received
+            assert b"\r\nconnection: close\r\n" in rest.lower()
+            body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+            assert body["success"] is False and "body" in body["error"]
+            events.append("slow body closed")
+
+    async def normal() -> None:
+        # Starts with the slow one and takes longer than body_timeout, its body in time.
+        async with connect(daemon) as (reader, writer):
+            body = json.dumps({"function": "sleep", "contract": 1, "input": {"seconds": 2}})
+            writer.write(request("POST", "/task", body.encode(), Authorization=AUTH_KEY))
+            status, _, answer_body = await answer(reader)
+            assert status == 200 and json.loads(answer_body)["result"] == {"slept": 2}
+            events.append("normal answered")
+
+    await asyncio.gather(slow_body(), normal())
+    assert events == ["slow body closed", "normal answered"]

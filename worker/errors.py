@@ -10,6 +10,7 @@ class WorkerError(Exception):
 
     status: ClassVar[int] = 500
     headers: ClassVar[dict[str, str]] = {}
+    closes_connection: ClassVar[bool] = False  # the answer ends the client's connection
 
     def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
@@ -46,6 +47,13 @@ class Conflict(WorkerError):
     """The request contradicts the worker's state (e.g. /on while draining)."""
 
     status = 409
+
+
+class RequestTimeout(WorkerError):
+    """The body did not arrive within `http.body_timeout`; the connection is closed."""
+
+    status = 408
+    closes_connection = True
 
 
 class PayloadTooLarge(WorkerError):

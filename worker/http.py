@@ -3,6 +3,7 @@ middleware. A task's request is checked and validated here, then handed to its m
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -13,7 +14,7 @@ from worker import __version__, auth, health, logtail, openapi
 from worker.config import Config
 from worker.context import Mode
 from worker.envelope import parse_json, validate_task
-from worker.errors import PayloadTooLarge, Unavailable, WorkerError
+from worker.errors import PayloadTooLarge, RequestTimeout, Unavailable, WorkerError
 from worker.functions import Registry
 from worker.logs import LogBuffer
 from worker.maintenance import Maintenance
@@ -36,7 +37,10 @@ async def error_middleware(
     try:
         return await handler(request)
     except WorkerError as exc:
-        return json_response(exc.body(), exc.status, dict(exc.headers))
+        response = json_response(exc.body(), exc.status, dict(exc.headers))
+        if exc.closes_connection:
+            return await _answer_and_close(request, response)
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -47,14 +51,29 @@ async def error_middleware(
         return json_response({"success": False, "error": "Internal error"}, 500)
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def _answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send `response` with `Connection: close`, then close at once: aiohttp would otherwise
+    keep reading the rest of a body (lingering) for up to 10 s more."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()  # what was written is sent first
+    return response
+
+
+async def _read_body(request: web.Request, limit: int, body_timeout: float) -> bytes:
     too_large = PayloadTooLarge(f"Request body is larger than {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     try:
-        return await request.read()
+        async with asyncio.timeout(body_timeout):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise too_large from None
+    except TimeoutError:
+        seconds = f"{body_timeout:g}"
+        raise RequestTimeout(f"Request body not received within {seconds} s") from None
 
 
 class Api(Part):
@@ -104,7 +123,8 @@ class Api(Part):
         status = self._slots.status
         if status != "ready":
             raise Unavailable(REFUSALS[status])
-        body = parse_json(await _read_body(request, config.http.max_body_size))
+        http = config.http
+        body = parse_json(await _read_body(request, http.max_body_size, http.body_timeout))
         spec = validate_task(body, self._registry, config.worker.group, config.worker.contract)
         return await self._answers[spec.mode](request, spec)
 
