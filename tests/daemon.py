@@ -78,6 +78,7 @@ class Daemon:
         argv_prefix: list[str] | None = None,
         pass_fds: tuple[int, ...] = (),
         read_notify: bool = True,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY"))}
         environ.update({"NOTIFY_SOCKET": str(self.notify_path), "PYTHONPATH": str(ROOT)})
@@ -91,6 +92,7 @@ class Daemon:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             pass_fds=pass_fds,
+            preexec_fn=preexec_fn,  # e.g. lower an rlimit as a shell's ulimit would
         )
         self._readers = [asyncio.create_task(self._read_output())]
         if read_notify:

@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import resource
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.conftest import AUTH_KEY
@@ -30,10 +33,15 @@ async def daemons() -> AsyncIterator[list[Daemon]]:
         await daemon.stop()
 
 
-async def start(daemons: list[Daemon], tmp: Path, **http: object) -> Daemon:
+async def start(
+    daemons: list[Daemon],
+    tmp: Path,
+    preexec_fn: Callable[[], None] | None = None,
+    **http: object,
+) -> Daemon:
     daemon = Daemon(tmp, http=dict(http))
     daemons.append(daemon)
-    await daemon.start()
+    await daemon.start(preexec_fn=preexec_fn)
     await daemon.wait_ready()
     return daemon
 
@@ -178,3 +186,139 @@ async def test_slow_body_gets_408_and_is_closed_after_body_timeout(
 
     await asyncio.gather(slow_body(), normal())
     assert events == ["slow body closed", "normal answered"]
+
+
+# The floods: more idle connections than a shell's usual `ulimit -n` of 1,024.
+FLOOD = 1100
+
+
+@pytest.fixture
+def many_files() -> Iterator[None]:
+    """Room in this test process for FLOOD client sockets (restored afterwards)."""
+    needed = FLOOD + 512
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        pytest.skip(f"the open file hard limit ({hard}) is below the {needed} this test needs")
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def open_files(soft: int, hard: int | None = None) -> Callable[[], None]:
+    """A preexec_fn for the daemon: `ulimit -Sn soft` (and `-Hn hard`)."""
+
+    def limit() -> None:
+        current_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, current_hard if hard is None else hard))
+
+    return limit
+
+
+@contextlib.asynccontextmanager
+async def idle_connections(daemon: Daemon, count: int) -> AsyncIterator[list[socket.socket]]:
+    """`count` connections that send nothing, opened one after the other, oldest first."""
+    loop = asyncio.get_running_loop()
+    opened: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            opened.append(sock)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", daemon.port))
+        yield opened
+    finally:
+        for sock in opened:
+            sock.close()
+
+
+def is_closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+async def health_answers(daemon: Daemon, within: float = 15.0) -> dict[str, Any]:
+    """The detailed /health, asked on a new connection each time until it answers."""
+    deadline = time.monotonic() + within
+    connector = aiohttp.TCPConnector(force_close=True)
+    timeout = aiohttp.ClientTimeout(total=2)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        while True:
+            try:
+                url = f"{daemon.url}/health"
+                async with session.get(url, headers={"Authorization": AUTH_KEY}) as resp:
+                    body: dict[str, Any] = await resp.json()
+                    return body
+            except (aiohttp.ClientError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"/health did not answer in {within} s") from None
+                await asyncio.sleep(0.05)
+
+
+def event(daemon: Daemon, name: str) -> dict[str, Any]:
+    found = [json.loads(line) for line in daemon.log_events() if f'"event": "{name}"' in line]
+    assert found, f"no {name!r} in the log: {daemon.output[-5:]}"
+    return found[0]
+
+
+async def test_idle_flood_under_ulimit_1024_cannot_stop_health(
+    daemons: list[Daemon], tmp_path: Path, many_files: None
+) -> None:
+    # The hard limit is this host's (above FLOOD + 512, see many_files): the daemon raises to it.
+    daemon = await start(daemons, tmp_path, open_files(1024), header_timeout=25.0)
+    raised = event(daemon, "open file limit raised")
+    assert raised["was"] == 1024 and raised["soft"] > FLOOD
+    async with idle_connections(daemon, FLOOD):
+        body = await health_answers(daemon)
+        assert body["status"] == "ready"
+        # Every idle connection was accepted and is still open: none had to be pushed out.
+        assert body["http"]["connections"] > FLOOD
+        assert body["http"]["evicted"] == body["http"]["refused"] == 0
+
+
+async def test_idle_flood_at_hard_limit_1024_pushes_out_the_oldest(
+    daemons: list[Daemon], tmp_path: Path, many_files: None
+) -> None:
+    daemon = await start(daemons, tmp_path, open_files(1024, 1024), header_timeout=25.0)
+    lowered = event(daemon, "http.max_connections lowered to fit the open file limit")
+    bound = lowered["max_connections"]
+    assert bound < 1024 and lowered["configured"] == 10000
+    async with idle_connections(daemon, FLOOD) as flood:
+        body = await health_answers(daemon)
+        assert body["status"] == "ready"
+        assert body["http"]["maxConnections"] == bound
+        assert body["http"]["connections"] <= bound
+        assert body["http"]["evicted"] >= FLOOD - bound
+        # The oldest idle connections made room, the newest are still open.
+        deadline = time.monotonic() + CLOSE_DEADLINE
+        while not is_closed(flood[0]):
+            assert time.monotonic() < deadline, "the oldest idle connection is still open"
+            await asyncio.sleep(0.02)
+        assert not is_closed(flood[-1])
+
+
+async def test_at_max_connections_with_every_one_busy_a_new_one_is_closed(
+    daemons: list[Daemon], tmp_path: Path
+) -> None:
+    daemon = await start(daemons, tmp_path, max_connections=3)
+    task = {"function": "stream_until_gone", "contract": 1, "mode": "stream"}
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(3):
+            reader, writer = await stack.enter_async_context(connect(daemon))
+            body = json.dumps({**task, "input": {"gate": "never opened"}}).encode()
+            writer.write(request("POST", "/task", body, Authorization=AUTH_KEY))
+            # Its stream has begun: the daemon has its request head.
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLOSE_DEADLINE)
+            assert head.startswith(b"HTTP/1.1 200 ")
+        # None is without a request head to make room: the new connection is closed unanswered.
+        async with connect(daemon) as (reader, _):
+            assert await until_closed(reader) == b""
+    # The streams' clients have hung up: there is room again.
+    body = await health_answers(daemon)
+    assert body["http"]["refused"] >= 1 and body["http"]["maxConnections"] == 3

@@ -46,7 +46,7 @@ from worker.parts import (
     stop_all,
 )
 from worker.runner import Runner
-from worker.server import HttpServer
+from worker.server import HttpServer, raise_open_file_limit
 from worker.slots import SlotManager
 from worker.streaming import StreamMode
 from worker.sync import SyncMode
@@ -187,6 +187,7 @@ class Daemon:
         # Start.
         cfg = self.config
         self.logging.configure(cfg.logging.level, cfg.logging.format, cfg.secrets(), self.environ)
+        raise_open_file_limit()  # before the listener sizes http.max_connections to fit it
         try:
             registry = functions.load(cfg.worker.functions)
         except functions.LoadError as exc:

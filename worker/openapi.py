@@ -92,7 +92,12 @@ class HealthSchema(Schema):
     version = fields.String()
     loadBalancer = fields.Dict()  # the Andera load balancer's field name
     webhooks = fields.Dict(metadata={"description": "pending, delivered, failed"})
-    http = fields.Dict(metadata={"description": "the listener: connections, headerTimeouts"})
+    http = fields.Dict(
+        metadata={
+            "description": "the listener: connections, maxConnections, headerTimeouts, "
+            "evicted (closed without a request head to make room), refused"
+        }
+    )
 
 
 class LogsSchema(Schema):

@@ -3,13 +3,17 @@ systemd passed (socket activation), and guards the edge where clients connect.
 
 The edge: a new connection must send its first request head within `http.header_timeout`;
 between requests aiohttp's keep-alive timer (`http.keepalive_timeout`) bounds the wait for the
-next head; the body is the API's (`http.body_timeout`).
+next head; the body is the API's (`http.body_timeout`). At most `http.max_connections` are open:
+at the bound, a new connection pushes out the oldest one that has not sent a request head yet,
+else it is closed at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
+import resource
 import socket
 from typing import Any, cast
 
@@ -26,6 +30,10 @@ _log = structlog.get_logger("worker.server")
 # once, and a dropped SYN is retried only a second later (the kernel caps it at somaxconn).
 LISTEN_BACKLOG = 1024
 SHUTDOWN_TIMEOUT = 5.0  # seconds the closing server waits for requests still being answered
+# Descriptors kept for everything but client connections (webhook calls, balancer links,
+# websockets, the functions' own files), at most half of the limit.
+FD_RESERVE = 256
+WARN_EVERY = 10.0  # seconds between two "connection limit" warnings, with counts in between
 HEAD_END = b"\r\n\r\n"  # aiohttp's parser accepts no other end of a request head
 
 _HEAD_TIMEOUT_ANSWER = json.dumps(
@@ -38,22 +46,58 @@ HEAD_TIMEOUT_ANSWER = (
 )
 
 
+def raise_open_file_limit() -> None:
+    """Raise this process's open file soft limit to its hard limit (a shell's `ulimit -n` is
+    often 1,024: fewer connections than a busy worker holds)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        _log.warning("cannot raise the open file limit", soft=soft, hard=hard, reason=str(exc))
+        return
+    _log.info("open file limit raised", soft=hard, was=soft)
+
+
+def connection_bound(configured: int) -> int:
+    """`configured`, lowered so that the open connections leave FD_RESERVE descriptors free:
+    accepting a connection then never fails for want of a descriptor."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(1, min(configured, soft - min(FD_RESERVE, soft // 2)))
+
+
 class Edge:
     """The listener's protocol factory: each connection goes to aiohttp through a `_Connection`
-    that times its first request head."""
+    that times its first request head and counts it against the bound."""
 
-    def __init__(self, server: web.Server, header_timeout: float) -> None:
+    def __init__(self, server: web.Server, header_timeout: float, bound: int) -> None:
         self._server = server
         self.header_timeout = header_timeout
+        self.bound = bound
         self._open: dict[_Connection, None] = {}
         self._without_head: dict[_Connection, None] = {}  # oldest first
         self.header_timeouts = 0
+        self.evicted = 0
+        self.refused = 0
+        self._warned_at = -math.inf
+        self._warned_counts = (0, 0)
 
     def __call__(self) -> asyncio.Protocol:
         return _Connection(self)
 
     def admit(self, connection: _Connection) -> web.RequestHandler | None:
-        """aiohttp's handler for a new connection."""
+        """aiohttp's handler for a new connection, or None to close it: at the bound."""
+        if len(self._open) >= self.bound:
+            if not self._without_head:
+                self.refused += 1
+                self._warn()
+                return None
+            self.evicted += 1
+            next(iter(self._without_head)).close()
+            self._warn()
         self._open[connection] = None
         self._without_head[connection] = None
         return self._server()
@@ -68,8 +112,26 @@ class Edge:
     def health(self) -> dict[str, int]:
         return {
             "connections": len(self._open),
+            "maxConnections": self.bound,
             "headerTimeouts": self.header_timeouts,
+            "evicted": self.evicted,
+            "refused": self.refused,
         }
+
+    def _warn(self) -> None:
+        # A flood must not flood the log: one line per WARN_EVERY, counting what happened since.
+        now = asyncio.get_running_loop().time()
+        if now - self._warned_at < WARN_EVERY:
+            return
+        evicted, refused = self._warned_counts
+        _log.warning(
+            "at the connection limit (http.max_connections)",
+            limit=self.bound,
+            closed_without_request=self.evicted - evicted,
+            refused=self.refused - refused,
+        )
+        self._warned_at = now
+        self._warned_counts = (self.evicted, self.refused)
 
 
 class _Connection(asyncio.Protocol):
@@ -122,7 +184,7 @@ class _Connection(asyncio.Protocol):
             self._handler.resume_writing()
 
     def close(self) -> None:
-        """Close a connection that has not sent a request head."""
+        """Close a connection that has not sent a request head (the bound needs its place)."""
         self._stop_timer()
         self._edge.forget(self)
         if self._transport is not None:
@@ -210,6 +272,14 @@ class HttpServer(Part):
 
     async def start(self) -> None:
         http = self._config.http
+        bound = connection_bound(http.max_connections)
+        if bound < http.max_connections:
+            _log.warning(
+                "http.max_connections lowered to fit the open file limit",
+                max_connections=bound,
+                configured=http.max_connections,
+                open_file_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            )
         runner = web.AppRunner(
             self._app,
             handler_cancellation=True,
@@ -222,7 +292,7 @@ class HttpServer(Part):
         )
         await runner.setup()
         assert runner.server is not None  # set by setup()
-        edge = Edge(runner.server, http.header_timeout)
+        edge = Edge(runner.server, http.header_timeout, bound)
         if self._inherited:
             sites = [_EdgeSite(runner, edge, sock=sock) for sock in self._inherited]
         else:
