@@ -306,7 +306,7 @@ async def test_idle_flood_at_hard_limit_1024_pushes_out_the_oldest(
 async def test_at_max_connections_with_every_one_busy_a_new_one_is_closed(
     daemons: list[Daemon], tmp_path: Path
 ) -> None:
-    daemon = await start(daemons, tmp_path, max_connections=3)
+    daemon = await start(daemons, tmp_path, max_connections=3, header_timeout=25.0)
     task = {"function": "stream_until_gone", "contract": 1, "mode": "stream"}
     async with contextlib.AsyncExitStack() as stack:
         for _ in range(3):
