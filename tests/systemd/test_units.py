@@ -114,3 +114,11 @@ def test_template_matches_service() -> None:
         assert b == a.replace("/etc/base-worker/config.toml", "/etc/base-worker/%i.toml").replace(
             "StateDirectory=base-worker", "StateDirectory=base-worker/%i"
         )
+
+
+@pytest.mark.parametrize("unit", SERVICES)
+def test_open_file_limit_has_room_for_the_connections(unit: str) -> None:
+    """Each client connection is a descriptor: the usual 1,024 is below http.max_connections."""
+    lines = (UNIT_DIR / unit).read_text().splitlines()
+    service = lines[lines.index("[Service]") + 1 : lines.index("[Install]")]
+    assert "LimitNOFILE=65536" in service
