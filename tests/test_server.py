@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import AUTH_KEY
 from tests.daemon import Daemon
+from worker import server
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -322,3 +323,49 @@ async def test_at_max_connections_with_every_one_busy_a_new_one_is_closed(
     # The streams' clients have hung up: there is room again.
     body = await health_answers(daemon)
     assert body["http"]["refused"] >= 1 and body["http"]["maxConnections"] == 3
+
+
+async def test_a_slow_later_head_on_a_kept_alive_connection_is_cut_at_keepalive_timeout(
+    daemons: list[Daemon], tmp_path: Path
+) -> None:
+    """After the first request, aiohttp's keep-alive timer bounds the next head: it runs from
+    the end of the answer while no complete head has arrived, and bytes arriving do not
+    restart it."""
+    daemon = await start(daemons, tmp_path, keepalive_timeout=1.0, header_timeout=0.5)
+    async with connect(daemon) as (reader, writer):
+        writer.write(request("GET", "/health"))
+        status, _, _ = await answer(reader)
+        assert status == 200
+        second = request("GET", "/health")[:-2]  # never completed: no blank line
+
+        async def dribble() -> bool:
+            with contextlib.suppress(ConnectionError):
+                for index in range(len(second)):
+                    writer.write(second[index : index + 1])
+                    await writer.drain()
+                    await asyncio.sleep(0.1)  # one byte every 0.1 s, well inside any timeout
+            return True
+
+        dribbling = asyncio.create_task(dribble())
+        assert await until_closed(reader) == b""
+        assert not dribbling.done(), "the whole head was sent before the connection closed"
+        dribbling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dribbling
+
+
+@pytest.mark.parametrize(
+    ("soft", "configured", "bound"),
+    [
+        (1024, 10000, 1024 - server.FD_RESERVE),  # a shell's ulimit -n
+        (65536, 10000, 10000),  # the unit's LimitNOFILE: nothing to lower
+        (1024, 100, 100),  # already below
+        (300, 10000, 150),  # a tiny limit: the reserve takes at most half
+        (resource.RLIM_INFINITY, 10000, 10000),
+    ],
+)
+def test_connection_bound_leaves_a_reserve_of_descriptors(
+    monkeypatch: pytest.MonkeyPatch, soft: int, configured: int, bound: int
+) -> None:
+    monkeypatch.setattr(server.resource, "getrlimit", lambda _: (soft, resource.RLIM_INFINITY))
+    assert server.connection_bound(configured) == bound
