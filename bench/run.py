@@ -138,11 +138,15 @@ class Server:
             options = f"--port {self.port} --auth-key {AUTH_KEY} --slots {self.slots} --loop {loop}"
             return [sys.executable, script, *options.split()]
         config = self.tmp / f"worker-{self.port}.toml"
+        # (e) holds a connection per queued task, past http.max_connections' default of
+        # 10,000; written only there, so that --worker-source still runs older trees.
+        connections = self.slots + self.max_queue + 100
+        bound = f"max_connections = {connections}\n" if self.max_queue > 10000 else ""
         config.write_text(
             "[worker]\n"
             f"slots = {self.slots}\nmax_queue = {self.max_queue}\n"
             f'functions = ["worker.examples", "{BENCH / "functions.py"}"]\n'
-            f'[http]\nhost = "{HOST}"\nport = {self.port}\n'
+            f'[http]\nhost = "{HOST}"\nport = {self.port}\n{bound}'
             f'[auth]\nauth_key = "{AUTH_KEY}"\n'
             "[load_balancer]\nwebsocket_port = 0\n"
             '[logging]\nlevel = "info"\nformat = "json"\n'
