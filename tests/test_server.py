@@ -263,7 +263,7 @@ async def health_answers(daemon: Daemon, within: float = 15.0) -> dict[str, Any]
 
 
 def event(daemon: Daemon, name: str) -> dict[str, Any]:
-    found = [json.loads(line) for line in daemon.log_events() if f'"event": "{name}"' in line]
+    found = [e for e in map(json.loads, daemon.log_events()) if e.get("event") == name]
     assert found, f"no {name!r} in the log: {daemon.output[-5:]}"
     return found[0]
 

@@ -103,7 +103,7 @@ class Edge:
         return self._server()
 
     def head_received(self, connection: _Connection) -> None:
-        del self._without_head[connection]
+        self._without_head.pop(connection, None)
 
     def forget(self, connection: _Connection) -> None:
         self._open.pop(connection, None)
