@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import AUTH_KEY, ROOT
+from tests.conftest import AUTH_KEY, ROOT, make_config
 from worker import cli, config
 from worker.errors import ConfigError
 
@@ -376,3 +376,21 @@ def test_a_webhook_secret_of_the_wrong_type_is_not_repeated_either(tmp_path: Pat
         config.load(path, {}, {})
     assert "918273645" not in str(caught.value)
     assert str(caught.value).startswith("webhook.secret must be a string")
+
+
+def test_http_edge_options_defaults_bounds_and_restart() -> None:
+    cfg = make_config()
+    http = cfg.http
+    assert (http.header_timeout, http.body_timeout, http.keepalive_timeout) == (10.0, 30.0, 75.0)
+    assert http.max_connections == 10000
+    edge = {"header_timeout": 5, "body_timeout": 5, "keepalive_timeout": 0, "max_connections": 5}
+    # The listener reads all but body_timeout at start; the API reads body_timeout per request.
+    assert config.needs_restart(cfg, make_config(http=edge)) == [
+        "http.header_timeout",
+        "http.keepalive_timeout",
+        "http.max_connections",
+    ]
+    with pytest.raises(ConfigError, match=r"http\.max_connections must be at least 1"):
+        make_config(http={"max_connections": 0})
+    with pytest.raises(ConfigError, match=r"http\.header_timeout must be at least"):
+        make_config(http={"header_timeout": 0})
