@@ -16,8 +16,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import unused_port
 
-from tests.conftest import AUTH_KEY
+from tests.conftest import AUTH_KEY, LB_KEY
 from tests.daemon import Daemon
 from worker import server
 
@@ -187,6 +188,40 @@ async def test_slow_body_gets_408_and_is_closed_after_body_timeout(
 
     await asyncio.gather(slow_body(), normal())
     assert events == ["slow body closed", "normal answered"]
+
+
+async def test_the_load_balancer_websocket_port_closes_silent_connections_too(
+    daemons: list[Daemon], tmp_path: Path
+) -> None:
+    """The inbound websocket listener is reachable without a key as well: a connection that
+    never sends its upgrade request is closed after keepalive_timeout, not kept for an hour,
+    while an open websocket link is not idle and stays."""
+    port = unused_port()
+    daemon = Daemon(
+        tmp_path, http={"keepalive_timeout": 1.0}, load_balancer={"websocket_port": port}
+    )
+    daemons.append(daemon)
+    await daemon.start()
+    await daemon.wait_ready()
+    async with aiohttp.ClientSession() as session:
+        link = await session.ws_connect(f"ws://127.0.0.1:{port}/", protocols=[LB_KEY])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            assert await until_closed(reader) == b""
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        # The silent one is gone, past keepalive_timeout: the link still answers.
+        await link.send_str("ping")
+        while (message := await asyncio.wait_for(link.receive(), CLOSE_DEADLINE)).type is (
+            aiohttp.WSMsgType.TEXT
+        ):
+            if "status" in json.loads(message.data):
+                break
+        else:
+            raise AssertionError(f"the link ended: {message!r}")
+        await link.close()
 
 
 # The floods: more idle connections than a shell's usual `ulimit -n` of 1,024.

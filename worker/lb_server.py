@@ -60,7 +60,15 @@ class InboundServer(Part):
     async def _listen(self, host: str, port: int) -> None:
         app = web.Application()
         app.router.add_get("/{path:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=1,
+            # A connection that never sends its upgrade request is closed after this, as on the
+            # HTTP port (aiohttp's default kept it for an hour); an open websocket is not idle.
+            keepalive_timeout=self._config.http.keepalive_timeout,
+        )
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
         try:
