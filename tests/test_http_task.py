@@ -202,6 +202,17 @@ async def test_400_for_non_json_number_constants(worker_app: Start, constant: by
     assert "not valid JSON" in body["error"]
 
 
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"[1e999]"])
+async def test_400_for_numbers_that_overflow_to_infinity(worker_app: Start, number: bytes) -> None:
+    """1e400 parsed as infinity: a `sleep` of 1e400 seconds ran to its timeout."""
+    client, runtime = await worker_app()
+    raw = b'{"function": "sleep", "contract": 1, "input": {"seconds": ' + number + b"}}"
+    headers = {**AUTH, "Content-Type": "application/json"}
+    body = await error_of(await client.post("/task", data=raw, headers=headers), 400)
+    assert "not valid JSON" in body["error"]
+    assert runtime.dispatcher.counts.total() == 0
+
+
 async def test_413_over_max_body_size(worker_app: Start) -> None:
     client, runtime = await worker_app(http={"max_body_size": 1024})
     big = task("hello", input={"name": "x" * 2000})
