@@ -25,6 +25,7 @@ from worker.errors import ConfigError
 DEFAULT_PATH = Path("/etc/base-worker/config.toml")
 # Keys that config.example.toml ships with; a daemon using them warns loudly at startup.
 DEV_ONLY_KEYS = frozenset({"dev-only-auth-key", "dev-only-lb-key"})
+STRONG_KEY_LENGTH = 16  # characters; a shorter key is accepted with a warning
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "console", "json", "journal"]
@@ -120,6 +121,11 @@ class Config:
     @property
     def uses_dev_keys(self) -> bool:
         return bool({self.auth.auth_key, self.auth.lb_auth_key} & DEV_ONLY_KEYS)
+
+    def weak_keys(self) -> list[str]:
+        """The names of the keys set but shorter than STRONG_KEY_LENGTH."""
+        keys = {"auth.auth_key": self.auth.auth_key, "auth.lb_auth_key": self.auth.lb_auth_key}
+        return [name for name, key in keys.items() if 0 < len(key) < STRONG_KEY_LENGTH]
 
     def secrets(self) -> frozenset[str]:
         """Values that must never appear in a log line or an error message."""

@@ -13,9 +13,9 @@ from worker import __version__, auth, health, logtail, openapi
 from worker.config import Config
 from worker.context import Mode
 from worker.envelope import parse_json, validate_task
-from worker.errors import PayloadTooLarge, Unavailable, WorkerError
+from worker.errors import PayloadTooLarge, Unauthorized, Unavailable, WorkerError
 from worker.functions import Registry
-from worker.logs import LogBuffer
+from worker.logs import LogBuffer, Throttle
 from worker.maintenance import Maintenance
 from worker.parts import Part
 from worker.responses import json_response
@@ -26,16 +26,21 @@ _log = structlog.get_logger("worker.http")
 
 # How a mode (sync, stream, webhook) answers the request of a task it was handed.
 Answer = Callable[[web.Request, TaskSpec], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+REFUSED_LOG = web.AppKey("refused_log", Throttle)  # refused credentials, per remote address
 
 
 @web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every error becomes `{"success": false, "error": ...}` with its status and headers."""
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error becomes `{"success": false, "error": ...}` with its status and headers; a
+    refused credential is logged with the remote address, at most a line a second each."""
     try:
         return await handler(request)
     except WorkerError as exc:
+        if isinstance(exc, Unauthorized):
+            _log_refusal(request.app[REFUSED_LOG], request, exc.message)
         return json_response(exc.body(), exc.status, dict(exc.headers))
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -45,6 +50,19 @@ async def error_middleware(
     except Exception:
         _log.exception("internal error", path=request.path)
         return json_response({"success": False, "error": "Internal error"}, 500)
+
+
+def _log_refusal(refusals: Throttle, request: web.Request, reason: str) -> None:
+    peer = request.remote or "unknown"
+    suppressed = refusals.allow(peer)
+    if suppressed is not None:
+        _log.warning(
+            "unauthorized request",
+            peer=peer,
+            path=request.path,
+            reason=reason,
+            suppressed=suppressed,
+        )
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -89,6 +107,7 @@ class Api(Part):
             middlewares=[error_middleware],
             client_max_size=self._config.http.max_body_size,
         )
+        app[REFUSED_LOG] = Throttle()
         app.router.add_post("/task", self.post_task)
         app.router.add_get("/health", self.get_health)
         app.router.add_get("/logs", self.get_logs)

@@ -334,6 +334,11 @@ class Daemon:
             contract=cfg.worker.contract,
             status=worker.slots.status,
         )
+        for name in cfg.weak_keys():
+            _log.warning(
+                f"{name} is shorter than {config.STRONG_KEY_LENGTH} characters: a weak key",
+                generate="python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            )
         if cfg.uses_dev_keys:
             _log.warning(
                 "USING DEV-ONLY KEYS FROM config.example.toml: anyone who read the example can "
