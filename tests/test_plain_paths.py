@@ -16,7 +16,23 @@ from marshmallow import ValidationError
 from worker.envelope import ENVELOPE, new_task_id, plain_envelope
 from worker.params import compile_params, validate_input
 
-VALUES: list[Any] = [None, True, False, 0, 1, -3, 2.5, 2097152, 2097153, "", "hello", [], [1], {}]
+VALUES: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    1,
+    3,
+    -3,
+    2.5,
+    2097152,
+    2097153,
+    "",
+    "hello",
+    [],
+    [1],
+    {},
+]
 VALUES += [{"name": "Andera"}, [None], [1, None], "stream", "sync", "webhook", "x" * 40]
 
 

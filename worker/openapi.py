@@ -23,6 +23,7 @@ from marshmallow import Schema, fields
 from worker import __version__
 from worker.envelope import MODES, TaskEnvelopeSchema
 from worker.functions import Registry
+from worker.logtail import MAX_LINES
 from worker.params import Number, StrictBoolean
 
 DOCUMENT_PATH = "/openapi"
@@ -30,6 +31,14 @@ UI_PATH = "/docs"
 UI_ASSETS = "/docs/static"
 
 _JSON = "application/json"
+# A field's messages or, for a nested field (webhook.url, an item of an array param), the same
+# shape one level down, as marshmallow reports it.
+DETAILS_VALUE = {
+    "anyOf": [
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "object", "additionalProperties": True},
+    ]
+}
 _NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -40,7 +49,7 @@ class ErrorSchema(Schema):
     error = fields.String(required=True, metadata={"description": "One readable sentence."})
     details = fields.Dict(
         keys=fields.String(),
-        values=fields.List(fields.String()),
+        values=fields.Raw(),  # DETAILS_VALUE in the document
         metadata={"description": "Field (or input param) name -> messages, where fields fail."},
     )
 
@@ -239,7 +248,7 @@ def operations(inputs: dict[str, str]) -> dict[str, dict[str, dict[str, Any]]]:
                         "name": "lines",
                         "in": "query",
                         "description": "Only the last N lines.",
-                        "schema": {"type": "integer", "minimum": 0},
+                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_LINES},
                     },
                     {
                         "name": "follow",
@@ -354,6 +363,8 @@ def build_document(registry: Registry) -> dict[str, Any]:
         for path, operation in operations(inputs).items():
             spec.path(path=path, operations=operation)
         document: dict[str, Any] = spec.to_dict()
+    details = document["components"]["schemas"]["Error"]["properties"]["details"]
+    details["additionalProperties"] = DETAILS_VALUE
     return document
 
 
