@@ -107,6 +107,14 @@ async def test_nan_result_is_a_500_not_invalid_json(worker_app: Start) -> None:
     assert "not JSON-serialisable" in body["error"]
 
 
+async def test_a_result_nested_too_deeply_is_a_500_naming_the_cause(worker_app: Start) -> None:
+    """It answered "Internal error" although the function succeeded."""
+    client, runtime = await worker_app()
+    body = await error_of(await post(client, task("deep_result")), 500)
+    assert body["error"].startswith("Function result is not JSON-serialisable")
+    assert runtime.slots.state().used == 0
+
+
 async def test_async_timeout_answers_504(worker_app: Start) -> None:
     client, runtime = await worker_app()
     began = time.monotonic()
