@@ -101,6 +101,7 @@ def worker_app(
 
         async def run_parts(app: Any) -> Any:
             await parts.start_all(running.parts)
+            running.slots.hold("starting", False)
             yield
             await parts.stop_all(running.parts, asyncio.get_running_loop().time())
 

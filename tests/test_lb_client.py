@@ -122,7 +122,7 @@ async def test_changes_and_pings_reach_the_balancer_within_100_ms(
 
     # Draining (the lifecycle sets it at SIGTERM) is pushed at once too.
     sent = time.monotonic()
-    runtime.slots.set_status("draining")
+    runtime.slots.hold("draining")
     assert await reaches(lambda m: m["status"] == "draining", sent) < 0.1
 
     count = len(balancer.messages)

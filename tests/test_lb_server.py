@@ -158,7 +158,7 @@ async def test_changes_reach_every_balancer_within_100_ms(
         assert await balancer.reaches(lambda m: m["status"] == "maintenance", sent) < 0.1
 
     sent = time.monotonic()
-    runtime.slots.set_status("draining")
+    runtime.slots.hold("draining")
     for balancer in balancers:
         assert await balancer.reaches(lambda m: m["status"] == "draining", sent) < 0.1
     for balancer in balancers:

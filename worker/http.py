@@ -18,7 +18,7 @@ from worker.functions import Registry
 from worker.logs import LogBuffer, Throttle
 from worker.maintenance import Maintenance
 from worker.parts import Part
-from worker.responses import json_response
+from worker.responses import RETRY_AFTER, json_response
 from worker.slots import REFUSALS, SlotManager
 from worker.tasks import TaskSpec
 
@@ -110,6 +110,7 @@ class Api(Part):
         app[REFUSED_LOG] = Throttle()
         app.router.add_post("/task", self.post_task)
         app.router.add_get("/health", self.get_health)
+        app.router.add_get("/ready", self.get_ready)
         app.router.add_get("/logs", self.get_logs)
         app.router.add_post("/off", self.post_off)
         app.router.add_post("/on", self.post_on)
@@ -120,9 +121,8 @@ class Api(Part):
     async def post_task(self, request: web.Request) -> web.StreamResponse:
         config = self._config
         auth.require_operator(request.headers, config.auth)
-        status = self._slots.status
-        if status != "ready":
-            raise Unavailable(REFUSALS[status])
+        if not self._slots.accepting:
+            raise Unavailable(REFUSALS[self._slots.status])
         body = parse_json(await _read_body(request, config.http.max_body_size))
         spec = validate_task(body, self._registry, config.worker.group, config.worker.contract)
         return await self._answers[spec.mode](request, spec)
@@ -146,6 +146,13 @@ class Api(Part):
             **self._sections(),
         }
         return json_response(body)
+
+    async def get_ready(self, request: web.Request) -> web.Response:
+        """For plain load balancers: 200 while new tasks are taken, else 503 saying why."""
+        status = self._slots.status
+        if status == "ready":
+            return json_response({"status": status})
+        return json_response({"status": status}, 503, {"Retry-After": RETRY_AFTER})
 
     async def get_logs(self, request: web.Request) -> web.StreamResponse:
         auth.require_any(request.headers, self._config.auth)
