@@ -75,7 +75,7 @@ async def test_registers_then_reports_status(
         "params": {"name": {"type": "string", "required": False, "default": "World"}},
     } in worker["functions"]
     assert second["type"] == "status"
-    assert set(second) == {"type", "status", "slots", "system"}
+    assert set(second) == {"type", "status", "slots", "system", "services"}
     assert set(second["system"]) == {"uptime", "cpuLoad", "usedMemoryPercent"}
     state = await lb_health(client)
     assert state["enabled"] is True
@@ -233,7 +233,8 @@ async def test_handshake_timeout_gives_up_and_retries() -> None:
     cfg = make_config(load_balancer={"url": stall.url})
     slots = SlotManager(cfg.worker.slots, cfg.worker.max_queue)
     registry = functions.load(cfg.worker.functions)
-    link = OutboundClient(slots, registry, cfg, Timings(handshake_timeout=0.3, backoff_first=0.05))
+    timings = Timings(handshake_timeout=0.3, backoff_first=0.05)
+    link = OutboundClient(slots, registry, cfg, list, timings)
     await link.start()
     try:
         await wait_for(lambda: stall.ended >= 2, timeout=5)

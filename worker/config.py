@@ -64,6 +64,7 @@ class WorkerSection:
     default_timeout: float = option(30.0, env="DEFAULT_TIMEOUT", unit="ms", minimum=0.001)
     drain_timeout: float = option(60.0, minimum=0)
     drain_grace: float = option(0.0, env="DRAIN_GRACE", minimum=0)
+    service_start_timeout: float = option(60.0, minimum=0.001)
     functions: tuple[str, ...] = option(("worker.examples",), restart=True)
     # systemd's StateDirectory= sets $STATE_DIRECTORY, so the unit needs no extra setting.
     state_dir: str = option("", env="STATE_DIRECTORY", restart=True)

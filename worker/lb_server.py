@@ -20,6 +20,7 @@ from worker.lb_protocol import (
     CLOSE_TIMEOUT,
     CLOSE_UNAUTHORIZED,
     MAX_MESSAGE,
+    ServiceList,
     StatusFeed,
     close,
     inbound_status,
@@ -41,9 +42,10 @@ class InboundServer(Part):
 
     name = "load balancer websocket"
 
-    def __init__(self, slots: SlotManager, config: Config) -> None:
+    def __init__(self, slots: SlotManager, config: Config, services: ServiceList) -> None:
         self._slots = slots
         self._config = config
+        self._services = services
         self._links: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -160,7 +162,7 @@ class InboundServer(Part):
         """Send the status at once, then every second and on every change."""
         try:
             while not ws.closed:
-                await send(ws, inbound_status(await feed.next()))
+                await send(ws, inbound_status(await feed.next(), self._services))
         except (TimeoutError, ConnectionError) as exc:
             # A balancer that stopped reading: drop it rather than buffer for it.
             _log.warning("load balancer link (inbound) stalled, closing", reason=str(exc))

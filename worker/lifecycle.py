@@ -47,6 +47,7 @@ from worker.parts import (
 )
 from worker.runner import Runner
 from worker.server import HttpServer
+from worker.services import Services
 from worker.slots import SlotManager
 from worker.streaming import StreamMode
 from worker.sync import SyncMode
@@ -75,6 +76,7 @@ class Worker:
     api: Api
     app: web.Application
     status_line: StatusLine
+    services: Services
     watchdog: Watchdog
     inbound: InboundServer
     outbound: OutboundClient
@@ -108,6 +110,7 @@ class Worker:
             self.maintenance,
             self.api,
             self.status_line,
+            self.services,  # the users' own; every task has ended before they stop
             self.inbound,
             self.outbound,
             self.listener,  # nothing is served before every part above is up
@@ -127,7 +130,8 @@ def build(
     slots = SlotManager(cfg.worker.slots, cfg.worker.max_queue)
     slots.hold("starting")  # until every part is up
     runner = Runner(cfg.worker.default_timeout)
-    dispatcher = Dispatcher(slots, runner)
+    services = Services(registry.services, slots, notifier, cfg)
+    dispatcher = Dispatcher(slots, runner, services.values)
     deliveries = Deliveries(cfg.webhook)
     maintenance = Maintenance(slots, cfg.worker.state_dir)
     answers: dict[Mode, Answer] = {
@@ -156,9 +160,10 @@ def build(
         api=api,
         app=app,
         status_line=StatusLine(notifier, slots),
+        services=services,
         watchdog=Watchdog(notifier),
-        inbound=InboundServer(slots, cfg),
-        outbound=OutboundClient(slots, registry, cfg),
+        inbound=InboundServer(slots, cfg, services.describe),
+        outbound=OutboundClient(slots, registry, cfg, services.describe),
         listener=HttpServer(app, cfg, inherited),
     )
     return worker
@@ -285,7 +290,7 @@ class Daemon:
                 remaining = deadline - now
                 if remaining <= 0 or self._now.is_set():
                     return False
-                self.notifier.extend_stop(min(remaining, EXTEND_EVERY) + EXTEND_EVERY)
+                self.notifier.extend_timeout(min(remaining, EXTEND_EVERY) + EXTEND_EVERY)
                 if now < grace_ends:
                     await asyncio.wait({now_task}, timeout=min(grace_ends - now, EXTEND_EVERY))
                     continue

@@ -53,7 +53,8 @@ class Notifier:
     def stopping(self, text: str) -> None:
         self.send("STOPPING=1", f"STATUS={text}")
 
-    def extend_stop(self, seconds: float) -> None:
+    def extend_timeout(self, seconds: float) -> None:
+        """Ask systemd for `seconds` more, while starting (services) or stopping (drain)."""
         self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
 
 

@@ -96,7 +96,10 @@ class HealthSchema(Schema):
     contract = fields.Integer()
     websocketPort = fields.Integer()  # the Andera load balancer's field name
     functions = fields.List(fields.Dict(), metadata={"description": '[{"name", "params"}]'})
-    services = fields.List(fields.Raw())
+    services = fields.List(
+        fields.Dict(),
+        metadata={"description": '[{"name", "state": up | down | restarting, "status"}]'},
+    )
     tags = fields.Dict()
     slots = fields.Nested(SlotsSchema)
     system = fields.Dict(metadata={"description": "uptime, cpuLoad, usedMemoryPercent"})

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import structlog
@@ -113,9 +114,12 @@ class Job:
 class Dispatcher:
     """Owns every accepted task until it has an outcome."""
 
-    def __init__(self, slots: SlotManager, runner: Runner) -> None:
+    def __init__(
+        self, slots: SlotManager, runner: Runner, services: Mapping[str, Any] | None = None
+    ) -> None:
         self.slots = slots
         self.runner = runner
+        self.services = MappingProxyType(services if services is not None else {})
         self.counts: Counter[Outcome] = Counter()
         self._jobs: set[Job] = set()
         self._all_done = asyncio.Event()
@@ -165,7 +169,9 @@ class Dispatcher:
     async def _run(self, job: Job, stream: StreamWriter | None) -> TaskResult:
         spec = job.spec
         log = _log.bind(task_id=spec.task_id, function=spec.function.name)
-        ctx = TaskContext(spec.task_id, spec.function.name, spec.priority, spec.mode, stream, log)
+        ctx = TaskContext(
+            spec.task_id, spec.function.name, spec.priority, spec.mode, stream, log, self.services
+        )
         accepted = time.monotonic()
         started: float | None = None
         lease: Lease | None = None
