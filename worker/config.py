@@ -93,6 +93,7 @@ class LoggingSection:
     level: LogLevel = option("info", env="LOG_LEVEL", flag="--log-level", help="log level")
     max_lines: int = option(1000, env="MAX_LOGS", minimum=1)
     format: LogFormat = option("auto", restart=True, help="log output format")
+    access: bool = option(False, help="one line per HTTP request")
 
 
 @dataclass(frozen=True)

@@ -161,11 +161,11 @@ class Api(Part):
     async def post_off(self, request: web.Request) -> web.Response:
         auth.require_operator(request.headers, self._config.auth)
         self._maintenance.set(True)
-        _log.info("maintenance mode enabled")
+        _log.info("maintenance mode enabled", by=auth.who(request.headers), peer=request.remote)
         return json_response({"status": "maintenance", "message": "Maintenance mode enabled"})
 
     async def post_on(self, request: web.Request) -> web.Response:
         auth.require_operator(request.headers, self._config.auth)
         self._maintenance.set(False)
-        _log.info("maintenance mode disabled")
+        _log.info("maintenance mode disabled", by=auth.who(request.headers), peer=request.remote)
         return json_response({"status": "ready", "message": "Maintenance mode disabled"})

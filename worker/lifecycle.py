@@ -231,14 +231,16 @@ class Daemon:
             new = config.load(self.path, self.environ, self.flags)
             apply_all(worker.parts, new)
         except (ConfigError, ReloadRefused) as exc:
-            _log.error("reload refused, keeping the running config", reason=str(exc))
+            _log.error("reload refused, keeping the running config", by="SIGHUP", reason=str(exc))
             self.notifier.ready(worker.slots.state())
             return
         self.config = new
         if self.path is None:
             _log.info("reload: no config file, re-reading the environment only")
         _log.info(
-            "configuration reloaded", changed=", ".join(config.changed(old, new)) or "nothing"
+            "configuration reloaded",
+            by="SIGHUP",
+            changed=", ".join(config.changed(old, new)) or "nothing",
         )
         restart = config.needs_restart(old, new)
         if restart:

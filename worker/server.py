@@ -3,15 +3,19 @@ systemd passed (socket activation)."""
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
 
 from worker.config import Config
 from worker.parts import Part
 
 _log = structlog.get_logger("worker.server")
+_access = structlog.get_logger("worker.access")
 
 # aiohttp's default of 128 drops SYNs when a load balancer opens hundreds of connections at
 # once, and a dropped SYN is retried only a second later (the kernel caps it at somaxconn).
@@ -31,12 +35,17 @@ class HttpServer(Part):
         self._runner: web.AppRunner | None = None
         self.addresses: list[str] = []
 
+    def apply(self, new: Config) -> None:
+        # `logging.access` applies to connections opened from now on.
+        self._config = new
+
     async def start(self) -> None:
         http = self._config.http
         runner = web.AppRunner(
             self._app,
             handler_cancellation=True,
-            access_log=None,
+            access_log=logging.getLogger("worker.access"),
+            access_log_class=self._access_log_class(),
             shutdown_timeout=SHUTDOWN_TIMEOUT,
         )
         await runner.setup()
@@ -62,3 +71,27 @@ class HttpServer(Part):
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    def _access_log_class(self) -> type[AbstractAccessLogger]:
+        server = self
+
+        class AccessLog(AbstractAccessLogger):
+            """One line per request when `logging.access` is on; aiohttp asks `enabled` once
+            per connection, so with it off a request costs nothing here."""
+
+            @property
+            def enabled(self) -> bool:
+                return server._config.logging.access
+
+            def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+                _access.info(
+                    "request",
+                    method=request.method,
+                    path=request.path,
+                    status=response.status,
+                    bytes=response.body_length,
+                    duration_ms=round(time * 1000, 2),
+                    peer=request.remote,
+                )
+
+        return AccessLog

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import reprlib
 import time
+import traceback
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -220,6 +221,9 @@ class Dispatcher:
             fields["attempts"] = result.attempts
         if result.outcome is not Outcome.SUCCEEDED:
             fields["error"] = result.error
+        if result.failure is not None:
+            # One field of the same event: journald and JSON readers keep it with its task.
+            fields["traceback"] = "".join(traceback.format_exception(result.failure)).rstrip()
         log.log(verdict(result.outcome, result.reason).level, "task", **fields)
         if (
             result.outcome is Outcome.SUCCEEDED
