@@ -1,4 +1,5 @@
-"""Cached loggers follow the level and the output set by the latest `Logging.configure`."""
+"""The logging pipeline (worker/logs.py): cached loggers follow the level and the output set by
+the latest `Logging.configure`, and lines are flushed once per loop turn."""
 
 from __future__ import annotations
 
