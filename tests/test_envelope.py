@@ -27,7 +27,23 @@ GROUP = "default"
 CONTRACT = 1
 
 # Every kind of JSON value, and the edges of the envelope's ranges and choices.
-VALUES: list[Any] = [None, True, False, 0, 1, -3, 2.5, 2097152, 2097153, "", "hello", [], [1], {}]
+VALUES: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    1,
+    3,
+    -3,
+    2.5,
+    2097152,
+    2097153,
+    "",
+    "hello",
+    [],
+    [1],
+    {},
+]
 VALUES += [{"name": "Andera"}, [None], [1, None], "stream", "sync", "webhook", "x" * 40]
 
 

@@ -128,7 +128,7 @@ async def test_changes_and_pings_reach_the_balancer_before_the_next_periodic_sta
 
     # Draining (the lifecycle sets it at SIGTERM) is pushed at once too.
     sent = time.monotonic()
-    runtime.slots.set_status("draining")
+    runtime.slots.hold("draining")
     assert await reaches(lambda m: m["status"] == "draining", sent) < ON_CHANGE
 
     count = len(balancer.messages)

@@ -281,7 +281,7 @@ async def test_a_status_change_skips_the_gap(
     try:
         held = [slots.admit(1) for _ in range(3)]
         await feed.next()
-        slots.set_status("maintenance")
+        slots.hold("maintenance")
         async with asyncio.timeout(5):
             assert (await feed.next()).status == "maintenance"
         # A slot change alone waits for the gap, until a status change makes it due at once.
@@ -289,7 +289,7 @@ async def test_a_status_change_skips_the_gap(
         await not_due_within(feed, 0.3)
         waiting = asyncio.create_task(feed.next())
         await wait_for(lambda: suspended(waiting))
-        slots.set_status("draining")
+        slots.hold("draining")
         async with asyncio.timeout(5):
             state = await waiting
         assert (state.status, state.used) == ("draining", 2)
@@ -346,5 +346,5 @@ async def test_a_closed_feed_no_longer_follows_the_slots(slots: SlotManager) -> 
     feed.close()
     feed.close()  # twice is fine
     slots.admit(1)
-    slots.set_status("maintenance")
+    slots.hold("maintenance")
     await not_due_within(feed, 0.3)

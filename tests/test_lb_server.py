@@ -165,7 +165,7 @@ async def test_changes_reach_every_balancer_before_the_next_periodic_status(
         assert await balancer.reaches(lambda m: m["status"] == "maintenance", sent) < ON_CHANGE
 
     sent = time.monotonic()
-    runtime.slots.set_status("draining")
+    runtime.slots.hold("draining")
     for balancer in balancers:
         assert await balancer.reaches(lambda m: m["status"] == "draining", sent) < ON_CHANGE
     for balancer in balancers:

@@ -37,7 +37,7 @@ def test_both_directions_are_refused_with_409_while_draining(tmp_path: Path, on:
     if not on:
         marker.write_text("left by a previous POST /off\n")
     maintenance = Maintenance(manager, str(tmp_path))
-    manager.set_status("draining")
+    manager.hold("draining")
     with pytest.raises(Conflict) as refused:
         maintenance.set(on)
     assert refused.value.status == 409

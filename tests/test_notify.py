@@ -283,7 +283,7 @@ async def test_a_status_line_part_that_stopped_sends_nothing_more(
     await line.start()
     await line.stop(asyncio.get_running_loop().time())
     slots.admit(1)  # before stop, this change would have been sent at once
-    slots.set_status("maintenance")
+    slots.hold("maintenance")
     assert await notify_socket.until_sentinel() == []
 
 

@@ -126,7 +126,23 @@ def test_pattern_matches_anywhere_like_javascript_regexp_test() -> None:
 # --- the shortcut for plainly valid input agrees with the schema ---------------------------------
 
 # Every kind of JSON value, and the edges of the declarations below.
-VALUES: list[Any] = [None, True, False, 0, 1, -3, 2.5, 2097152, 2097153, "", "hello", [], [1], {}]
+VALUES: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    1,
+    3,
+    -3,
+    2.5,
+    2097152,
+    2097153,
+    "",
+    "hello",
+    [],
+    [1],
+    {},
+]
 VALUES += [{"name": "Andera"}, [None], [1, None], "stream", "sync", "webhook", "x" * 40]
 
 PARAMS: dict[str, dict[str, Any]] = {

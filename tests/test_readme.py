@@ -9,7 +9,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -17,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import unused_port
 
 from tests.conftest import ROOT
 from tests.test_config import DAEMON_ENV
@@ -37,17 +37,6 @@ def readme_example() -> tuple[str, str]:
     return command, answer[2:]
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        # As the daemon binds: connections of an earlier run in TIME_WAIT do not count.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as answer:
@@ -63,17 +52,21 @@ def children_of(pid: int) -> list[int]:
 
 @pytest.mark.timeout(240)
 def test_make_run_answers_the_readme_curl_example() -> None:
-    command, answer = readme_example()
-    url = next(word for word in shlex.split(command) if word.startswith("http://"))
-    port = int(re.match(r"http://127\.0\.0\.1:(\d+)/", url).group(1))  # type: ignore[union-attr]
+    readme_command, answer = readme_example()
+    readme_url = next(w for w in shlex.split(readme_command) if w.startswith("http://"))
+    readme_port = re.match(r"http://127\.0\.0\.1:(\d+)/", readme_url).group(1)  # type: ignore[union-attr]
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    if not port_is_free(port):
-        pytest.skip(f"port {port} is busy on this machine")
+    # The README's port may be busy on this machine: serve and ask on a free one instead, set
+    # the way an operator would (PORT overrides the file).
+    port = unused_port()
+    command = readme_command.replace(f":{readme_port}/", f":{port}/")
+    url = readme_url.replace(f":{readme_port}/", f":{port}/")
 
     env = {k: v for k, v in os.environ.items() if k not in DAEMON_ENV | MAKE_ENV}
+    env["PORT"] = str(port)
     process = subprocess.Popen(
         ["make", "run"],
         cwd=ROOT,

@@ -87,6 +87,24 @@ async def test_failure_after_output_is_an_error_event_in_sse(worker_app: StartWo
     }
 
 
+async def test_a_chunk_that_is_not_json_ends_the_stream_in_error_never_as_invalid_json(
+    worker_app: StartWorker,
+) -> None:
+    """A chunk {"v": inf} was streamed as `{"v": Infinity}`."""
+    client, _ = await worker_app()
+    body = task("stream_infinity", mode="stream")
+    async with client.post("/task", json=body, headers=SSE) as resp:
+        text = (await resp.read()).decode()
+    assert "Infinity" not in text
+    assert text.startswith("data: first\n")
+    error = json.loads(text.split("event: error\ndata: ", 1)[1])
+    assert error["error"].startswith("Function result is not JSON-serialisable")
+    async with client.post("/task", json=body, headers=AUTH) as resp:
+        assert await resp.content.readline() == b"first\n"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+
+
 async def test_failure_after_output_aborts_a_plain_stream(worker_app: StartWorker) -> None:
     client, runtime = await worker_app()
     testing = functions_of(runtime)

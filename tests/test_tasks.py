@@ -354,7 +354,7 @@ async def test_wait_done_returns_once_every_job_has_an_outcome(dispatcher: Dispa
 
 
 async def test_a_refused_task_is_never_tracked(dispatcher: Dispatcher) -> None:
-    dispatcher.slots.set_status("maintenance")
+    dispatcher.slots.hold("maintenance")
     with pytest.raises(Unavailable):
         dispatcher.submit(task(function("succeeds", succeeds)))
     assert dispatcher.in_flight == 0

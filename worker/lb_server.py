@@ -26,6 +26,7 @@ from worker.lb_protocol import (
     ping_reply,
     send,
 )
+from worker.logs import Throttle
 from worker.parts import Part
 from worker.slots import SlotManager
 
@@ -47,6 +48,7 @@ class InboundServer(Part):
         self._runner: web.AppRunner | None = None
         self.port = 0
         self.refused = 0
+        self._refusals = Throttle()  # one line a second per address: anyone can knock
 
     async def start(self) -> None:
         """Bind and serve when `load_balancer.websocket_port` is set; OSError when it cannot."""
@@ -142,11 +144,15 @@ class InboundServer(Part):
         headers.popall(hdrs.SEC_WEBSOCKET_PROTOCOL, None)
         ws = web.WebSocketResponse(compress=False, timeout=CLOSE_TIMEOUT)
         await ws.prepare(request.clone(headers=headers))
-        _log.warning(
-            "load balancer websocket refused: missing or wrong key in Sec-WebSocket-Protocol",
-            peer=request.remote,
-            protocols_offered=offered,
-        )
+        peer = request.remote or "unknown"
+        suppressed = self._refusals.allow(peer)
+        if suppressed is not None:
+            _log.warning(
+                "load balancer websocket refused: missing or wrong key in Sec-WebSocket-Protocol",
+                peer=peer,
+                protocols_offered=offered,
+                suppressed=suppressed,
+            )
         await close(ws, CLOSE_UNAUTHORIZED, b"Unauthorized")
         return ws
 

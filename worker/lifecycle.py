@@ -29,7 +29,7 @@ from worker import __version__, config, functions, jsoncodec
 from worker.context import Mode
 from worker.errors import ConfigError
 from worker.functions import Registry
-from worker.http import Api
+from worker.http import Answer, Api
 from worker.lb_client import OutboundClient
 from worker.lb_server import InboundServer
 from worker.logs import LogBuffer, Logging
@@ -45,11 +45,11 @@ from worker.parts import (
     start_all,
     stop_all,
 )
-from worker.responses import Answer, SyncMode
 from worker.runner import Runner
 from worker.server import HttpServer
 from worker.slots import SlotManager
 from worker.streaming import StreamMode
+from worker.sync import SyncMode
 from worker.tasks import Dispatcher
 from worker.webhooks import Deliveries, WebhookMode
 
@@ -125,6 +125,7 @@ def build(
 ) -> Worker:
     """Wire the parts of one run together."""
     slots = SlotManager(cfg.worker.slots, cfg.worker.max_queue)
+    slots.hold("starting")  # until every part is up
     runner = Runner(cfg.worker.default_timeout)
     dispatcher = Dispatcher(slots, runner)
     deliveries = Deliveries(cfg.webhook)
@@ -198,6 +199,7 @@ class Daemon:
         except StartFailed as exc:
             _log.error("cannot start", part=exc.part, reason=str(exc))
             return 1
+        worker.slots.hold("starting", False)
         self._install_signals(worker)
         self._log_startup(worker)
         _freeze_heap()
@@ -239,9 +241,13 @@ class Daemon:
         self.notifier.ready(worker.slots.state())
 
     async def _drain(self, worker: Worker, deadline: float) -> dict[str, int]:
-        """Finish what was accepted, up to the deadline; returns what became of it."""
+        """Finish what was accepted, up to the deadline; returns what became of it. During the
+        first `drain_grace` seconds new tasks are still taken, though the status says draining."""
         dispatcher = worker.dispatcher
-        worker.slots.set_status("draining")
+        loop = asyncio.get_running_loop()
+        grace = min(self.config.worker.drain_grace, max(deadline - loop.time(), 0.0))
+        worker.slots.set_grace(grace > 0)
+        worker.slots.hold("draining")
         before = dispatcher.counts.copy()
         self.notifier.stopping(f"draining: {dispatcher.in_flight} tasks in flight")
         _log.info(
@@ -250,8 +256,10 @@ class Daemon:
             queued=worker.slots.state().queue,
             pending_deliveries=worker.deliveries.pending,
             timeout=self.config.worker.drain_timeout,
+            grace=grace,
         )
-        if not await self._wait_drained(worker, deadline):
+        if not await self._wait_drained(worker, loop.time() + grace, deadline):
+            worker.slots.set_grace(False)
             cancelled = dispatcher.cancel_all()
             _log.warning("drain deadline passed, cancelling what is left", tasks=cancelled)
             # Let the cancelled tasks answer their clients (503) before the listener closes.
@@ -264,27 +272,36 @@ class Daemon:
             "cancelled": after[Outcome.CANCELLED],
         }
 
-    async def _wait_drained(self, worker: Worker, deadline: float) -> bool:
-        """Wait for tasks and deliveries, telling systemd to extend its stop timeout meanwhile;
-        False when the deadline passed or a second signal said to stop at once."""
-        everything = asyncio.ensure_future(worker.idle())
-        now_task = asyncio.ensure_future(self._now.wait())
+    async def _wait_drained(self, worker: Worker, grace_ends: float, deadline: float) -> bool:
+        """Take tasks until `grace_ends`, then wait for tasks and deliveries to finish, telling
+        systemd to extend its stop timeout meanwhile; False when the deadline passed or a second
+        signal said to stop at once."""
         loop = asyncio.get_running_loop()
+        now_task: asyncio.Future[Any] = asyncio.ensure_future(self._now.wait())
+        idle: asyncio.Future[Any] | None = None
         try:
             while True:
-                remaining = deadline - loop.time()
+                now = loop.time()
+                remaining = deadline - now
                 if remaining <= 0 or self._now.is_set():
                     return False
                 self.notifier.extend_stop(min(remaining, EXTEND_EVERY) + EXTEND_EVERY)
+                if now < grace_ends:
+                    await asyncio.wait({now_task}, timeout=min(grace_ends - now, EXTEND_EVERY))
+                    continue
+                if idle is None:
+                    worker.slots.set_grace(False)
+                    idle = asyncio.ensure_future(worker.idle())
                 done, _ = await asyncio.wait(
-                    {everything, now_task},
+                    {idle, now_task},
                     timeout=min(remaining, EXTEND_EVERY),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
-                if everything in done:
+                if idle in done:
                     return True
         finally:
-            everything.cancel()
+            if idle is not None:
+                idle.cancel()
             now_task.cancel()
 
     def _install_signals(self, worker: Worker) -> None:
@@ -334,6 +351,11 @@ class Daemon:
             contract=cfg.worker.contract,
             status=worker.slots.status,
         )
+        for name in cfg.weak_keys():
+            _log.warning(
+                f"{name} is shorter than {config.STRONG_KEY_LENGTH} characters: a weak key",
+                generate="python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            )
         if cfg.uses_dev_keys:
             _log.warning(
                 "USING DEV-ONLY KEYS FROM config.example.toml: anyone who read the example can "

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from worker.jsoncodec import NotJSON, dumps_result
 from worker.outcomes import Outcome, Reason
-from worker.responses import result_response
+from worker.sync import result_response
 from worker.tasks import Dispatcher, Job, TaskResult, TaskSpec
 
 EVENT_STREAM = "text/event-stream"

@@ -1,0 +1,36 @@
+"""Mode sync: the task's result is the answer to its request."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from worker.jsoncodec import NotJSON, dumps_result
+from worker.outcomes import Outcome, verdict
+from worker.responses import RETRY_AFTER, json_response
+from worker.tasks import Dispatcher, TaskResult, TaskSpec
+
+
+def result_response(result: TaskResult) -> web.Response:
+    """The answer for a finished task (also a stream's answer when it failed silently)."""
+    headers = {"X-Task-Id": result.task_id}
+    if result.outcome is Outcome.SUCCEEDED:
+        try:
+            text = dumps_result({"success": True, "result": result.value})
+        except NotJSON as exc:
+            return json_response({"success": False, "error": str(exc)}, 500, headers)
+        return web.Response(text=text, headers=headers, content_type="application/json")
+    status = verdict(result.outcome, result.reason).status
+    if status == 503:
+        headers["Retry-After"] = RETRY_AFTER
+    return json_response({"success": False, "error": result.error}, status, headers)
+
+
+class SyncMode:
+    """Runs the task and answers with its result once it has ended."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    async def __call__(self, request: web.Request, spec: TaskSpec) -> web.StreamResponse:
+        job = self._dispatcher.submit(spec)
+        return result_response(await job.result())
