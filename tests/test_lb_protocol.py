@@ -45,20 +45,25 @@ def test_ping_reply_is_status_and_slots() -> None:
     assert maintenance["slots"]["available"] == 0  # nothing on offer outside "ready"
 
 
+SERVICES = [{"name": "browser", "state": "down", "status": "RuntimeError: no licence"}]
+
+
 def test_inbound_status_has_the_andera_workers_shape() -> None:
-    message = inbound_status(BUSY)
+    message = inbound_status(BUSY, list)
     assert set(message) == {"status", "slots", "system", "services"}
     assert (message["status"], message["slots"]) == ("ready", BUSY.as_dict())
     assert set(message["system"]) == SYSTEM_KEYS
     assert message["services"] == []
+    assert inbound_status(BUSY, lambda: SERVICES)["services"] == SERVICES
 
 
-def test_outbound_status_is_typed_and_has_no_services() -> None:
-    message = outbound_status(SlotState("draining", 0, 4, 0))
-    assert set(message) == {"type", "status", "slots", "system"}
+def test_outbound_status_is_typed_and_carries_the_services() -> None:
+    message = outbound_status(SlotState("draining", 0, 4, 0), lambda: SERVICES)
+    assert set(message) == {"type", "status", "slots", "system", "services"}
     assert (message["type"], message["status"]) == ("status", "draining")
     assert message["slots"] == {"used": 0, "available": 0, "limit": 4, "queue": 0}
     assert set(message["system"]) == SYSTEM_KEYS
+    assert message["services"] == SERVICES
 
 
 def test_register_says_who_the_worker_is_and_where_to_reach_it() -> None:
@@ -140,11 +145,6 @@ def test_without_credentials_masks_userinfo_and_query(url: str, shown: str) -> N
     assert without_credentials(url) == shown
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker/lb_protocol.py without_credentials stops the userinfo at the first '@'; "
-    "aiohttp (yarl) takes the last one, so the rest of such a password reaches logs and /health",
-)
 def test_without_credentials_masks_a_password_containing_an_at_sign() -> None:
     # yarl reads this as user "user", password "p@ss", host "lb.example".
     assert without_credentials("wss://user:p@ss@lb.example/w") == "wss://***@lb.example/w"

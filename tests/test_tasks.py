@@ -243,18 +243,6 @@ async def test_a_job_abandoned_before_its_first_step_gives_back_its_place(
     assert dispatcher.slots.state() == SlotState("ready", 0, 1, 0)
 
 
-# A task cancelled before its first step keeps its cancel message only until the first time its
-# CancelledError is fetched (asyncio hands the original error out once, then a bare one), and
-# Job.cancel_reason fetches it anew each time: whoever reads second gets Reason.SHUTDOWN. Awaiting
-# the task is a read too, so a client still waiting in Job.result() always gets SHUTDOWN, and
-# Job.finished() after the dispatcher's summary line (_forget) does too.
-BEFORE_START_REASON_READ_ONCE = (
-    "worker/tasks.py Job.cancel_reason re-reads task.result(); asyncio gives a cancel's message "
-    "only to the first reader, so the second one falls back to Reason.SHUTDOWN"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=BEFORE_START_REASON_READ_ONCE)
 async def test_the_reason_of_a_job_abandoned_before_its_first_step_survives_the_summary(
     dispatcher: Dispatcher,
 ) -> None:
@@ -265,7 +253,6 @@ async def test_the_reason_of_a_job_abandoned_before_its_first_step_survives_the_
     assert (result.outcome, result.reason) == (Outcome.CANCELLED, Reason.CLIENT_GONE_QUEUED)
 
 
-@pytest.mark.xfail(strict=True, reason=BEFORE_START_REASON_READ_ONCE)
 async def test_a_job_cancelled_before_its_first_step_logs_the_reason_its_client_gets(
     dispatcher: Dispatcher,
 ) -> None:

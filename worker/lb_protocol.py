@@ -108,7 +108,8 @@ def advertise_url(cfg: Config) -> str:
 
 def without_credentials(url: str) -> str:
     """A URL safe for logs and /health: any `user:password@` and query string are masked."""
-    url = re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#@]*@", r"\1***@", url)
+    # Up to the last `@` before the path: a password may hold a raw `@` (yarl reads it so).
+    url = re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@", r"\1***@", url)
     return re.sub(r"\?.*$", "?***", url)
 
 

@@ -220,6 +220,7 @@ class Daemon:
             reload.cancel()
         await stop_all(worker.parts, deadline)
         summary["undelivered"] = worker.deliveries.abandoned
+        self.notifier.close()
         # Last, so that it is the final line whatever the parts logged while closing.
         _log.info("stopped", **summary)
         return 0

@@ -66,18 +66,25 @@ class TaskResult:
 class Job:
     """One accepted task in flight; `running` turns true when it holds a slot."""
 
-    __slots__ = ("admission", "running", "spec", "task")
+    __slots__ = ("admission", "reason", "running", "spec", "task")
 
     def __init__(self, spec: TaskSpec, admission: Admission) -> None:
         self.spec = spec
         self.admission = admission
         self.running = False
+        self.reason: Reason | None = None  # why it was cancelled, once it was
         self.task: asyncio.Task[TaskResult]
+
+    def cancel(self, reason: Reason) -> None:
+        """Cancel the task, keeping why: asyncio hands the reason to its first reader only."""
+        if self.reason is None:
+            self.reason = reason
+        self.task.cancel(reason)
 
     def abandon(self) -> None:
         """The client left: a queued task leaves the queue; a running one runs to completion."""
         if not self.running:
-            self.task.cancel(Reason.CLIENT_GONE_QUEUED)
+            self.cancel(Reason.CLIENT_GONE_QUEUED)
 
     async def result(self) -> TaskResult:
         """Wait for the outcome on behalf of the client; if the client goes, abandon the task."""
@@ -92,11 +99,7 @@ class Job:
 
     def cancel_reason(self) -> Reason:
         """Why a job cancelled before its first step was cancelled."""
-        try:
-            self.task.result()
-        except asyncio.CancelledError as exc:
-            return reason_of(exc)
-        return Reason.SHUTDOWN
+        return self.reason if self.reason is not None else Reason.SHUTDOWN
 
     def finished(self) -> TaskResult:
         """The outcome of a job that is done, also one cancelled before it ever ran."""
@@ -164,7 +167,7 @@ class Dispatcher:
     def cancel_all(self, reason: Reason = Reason.SHUTDOWN) -> int:
         """Cancel every task still queued or running; returns how many were cancelled."""
         for job in self._jobs:
-            job.task.cancel(reason)
+            job.cancel(reason)
         return len(self._jobs)
 
     async def _run(self, job: Job, stream: StreamWriter | None) -> TaskResult:
@@ -183,7 +186,7 @@ class Dispatcher:
             started = time.monotonic()
             result = await self.runner.run(spec.function, spec.params, ctx)
         except asyncio.CancelledError as exc:
-            reason = reason_of(exc)
+            reason = job.reason if job.reason is not None else reason_of(exc)
             result = RunResult(Outcome.CANCELLED, error=reason.value, reason=reason)
         finally:
             if lease is not None:
