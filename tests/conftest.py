@@ -10,10 +10,15 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from hypothesis import settings
 
 from worker import config, functions, lifecycle, parts
 from worker.logs import LogBuffer, Logging
 from worker.notify import Notifier
+
+# Property tests run on a shared 2-core machine: no per-example deadline, a bounded count.
+settings.register_profile("suite", deadline=None, max_examples=200)
+settings.load_profile("suite")
 
 AUTH_KEY = "test-auth-key-0123456789"
 LB_KEY = "test-lb-key-9876543210"
@@ -96,6 +101,7 @@ def worker_app(
 
         async def run_parts(app: Any) -> Any:
             await parts.start_all(running.parts)
+            running.slots.hold("starting", False)
             yield
             await parts.stop_all(running.parts, asyncio.get_running_loop().time())
 

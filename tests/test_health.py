@@ -18,7 +18,7 @@ async def test_public_view_is_only_the_status(worker_app: Start) -> None:
     assert response.status == 200
     assert response.content_type == "application/json"
     assert await response.json() == {"status": "ready"}
-    runtime.slots.set_status("draining")
+    runtime.slots.hold("draining")
     assert await (await client.get("/health")).json() == {"status": "draining"}
 
 

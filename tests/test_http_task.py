@@ -107,6 +107,14 @@ async def test_nan_result_is_a_500_not_invalid_json(worker_app: Start) -> None:
     assert "not JSON-serialisable" in body["error"]
 
 
+async def test_a_result_nested_too_deeply_is_a_500_naming_the_cause(worker_app: Start) -> None:
+    """It answered "Internal error" although the function succeeded."""
+    client, runtime = await worker_app()
+    body = await error_of(await post(client, task("deep_result")), 500)
+    assert body["error"].startswith("Function result is not JSON-serialisable")
+    assert runtime.slots.state().used == 0
+
+
 async def test_async_timeout_answers_504(worker_app: Start) -> None:
     client, runtime = await worker_app()
     began = time.monotonic()
@@ -200,6 +208,17 @@ async def test_400_for_non_json_number_constants(worker_app: Start, constant: by
     headers = {**AUTH, "Content-Type": "application/json"}
     body = await error_of(await client.post("/task", data=raw + b"}}", headers=headers), 400)
     assert "not valid JSON" in body["error"]
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"[1e999]"])
+async def test_400_for_numbers_that_overflow_to_infinity(worker_app: Start, number: bytes) -> None:
+    """1e400 parsed as infinity: a `sleep` of 1e400 seconds ran to its timeout."""
+    client, runtime = await worker_app()
+    raw = b'{"function": "sleep", "contract": 1, "input": {"seconds": ' + number + b"}}"
+    headers = {**AUTH, "Content-Type": "application/json"}
+    body = await error_of(await client.post("/task", data=raw, headers=headers), 400)
+    assert "not valid JSON" in body["error"]
+    assert runtime.dispatcher.counts.total() == 0
 
 
 async def test_413_over_max_body_size(worker_app: Start) -> None:

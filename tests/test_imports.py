@@ -43,6 +43,7 @@ FLOORS: dict[str, int] = {
     "sync": 6,
     "lb_server": 6,
     "lb_client": 6,
+    "services": 6,
     "streaming": 7,
     "webhooks": 7,
     "openapi": 7,

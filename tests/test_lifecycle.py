@@ -159,6 +159,26 @@ async def test_sigterm_drains_running_and_queued_tasks(
     assert (last["event"], last["completed"], last["cancelled"]) == ("stopped", 8, 0)
 
 
+async def test_on_and_off_answer_409_while_draining_and_change_nothing(
+    daemons: list[Daemon], tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """/off during a drain answered 200 `maintenance` while /health said `draining`."""
+    daemon = await start(daemons, tmp_path)
+    running = asyncio.create_task(post_task(session, daemon, task("sleep", input={"seconds": 1})))
+    await poll(lambda: _used(session, daemon, 1))
+    daemon.signal(signal.SIGTERM)
+    await daemon.wait_notify(lambda f: f == "STOPPING=1")
+    for path in ("/off", "/on"):
+        async with session.post(f"{daemon.url}{path}", headers={"Authorization": AUTH_KEY}) as r:
+            body = await r.json()
+            assert (r.status, body["success"]) == (409, False), body
+            assert "draining" in body["error"]
+    assert (await health(session, daemon))["status"] == "draining"
+    status, _ = await running
+    assert status == 200
+    assert await daemon.wait_exit() == 0
+
+
 async def test_the_drain_deadline_cancels_what_is_left_with_503(
     daemons: list[Daemon], tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -120,3 +121,71 @@ def test_pattern_matches_anywhere_like_javascript_regexp_test() -> None:
     with pytest.raises(ValidationError) as caught:
         schema.load({"word": "xyz"})
     assert caught.value.messages == {"word": ["String does not match expected pattern."]}
+
+
+# --- the shortcut for plainly valid input agrees with the schema ---------------------------------
+
+# Every kind of JSON value, and the edges of the declarations below.
+VALUES: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    1,
+    3,
+    -3,
+    2.5,
+    2097152,
+    2097153,
+    "",
+    "hello",
+    [],
+    [1],
+    {},
+]
+VALUES += [{"name": "Andera"}, [None], [1, None], "stream", "sync", "webhook", "x" * 40]
+
+PARAMS: dict[str, dict[str, Any]] = {
+    "s": {"type": "string", "min": 1, "max": 5},
+    "e": {"type": "string", "enum": ["a", "b"]},
+    "p": {"type": "string", "pattern": "^x+$"},
+    "n": {"type": "number", "min": 0, "max": 10},
+    "b": {"type": "boolean"},
+    "o": {"type": "object", "max": 1},
+    "a": {"type": "array", "min": 1},
+    "r": {"type": "string", "required": True},
+    "d": {"type": "string", "default": "World"},
+    "z": {"type": "number", "default": None},
+}
+
+
+def schema_load(schema: Any, data: Any) -> Any:
+    try:
+        return schema.load(data)
+    except ValidationError as exc:
+        return ("error", exc.messages)
+
+
+def test_plain_input_agrees_with_the_schema() -> None:
+    schema = compile_params("t", PARAMS)
+    samples: list[Any] = [*VALUES, "a", "b", "xx", 10, 11, {"k": 1}, {"k": 1, "j": 2}]
+    checked = 0
+    for name, value in itertools.product(PARAMS, samples):
+        data = {"r": "here", name: value}
+        plain = schema.plain(data)
+        if plain is not None:
+            assert plain == schema_load(schema, data), data
+            checked += 1
+    for data in ({}, {"r": "x", "unknown": 1}, {"r": None}):
+        assert schema.plain(data) is None
+    assert checked > 30
+
+
+def test_common_input_takes_the_shortcut() -> None:
+    schema = compile_params("hello", {"name": {"type": "string", "default": "World"}})
+    assert schema.plain({"name": "Andera"}) == {"name": "Andera"}
+    assert schema.plain({}) == {"name": "World"}
+    assert validate_input(schema, {}) == {"name": "World"}
+    with pytest.raises(ValidationError) as refused:
+        validate_input(schema, {"name": 3})
+    assert refused.value.messages == {"name": ["Not a valid string."]}

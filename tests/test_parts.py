@@ -11,10 +11,20 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import unused_port
+from structlog.testing import capture_logs
 
 from tests.conftest import Running, make_config
 from tests.daemon import Daemon
 from worker import config, parts
+from worker.config import Config
+from worker.parts import (
+    Part,
+    ReloadRefused,
+    apply_all,
+    cancel_and_wait,
+    health_of,
+    stop_all,
+)
 
 
 class Recording(parts.Part):
@@ -137,3 +147,128 @@ async def test_a_part_failing_at_start_exits_non_zero_naming_it(tmp_path: Path) 
         await daemon.stop()
         taken.close()
         await taken.wait_closed()
+
+
+# --- each loop's rules in detail ----------------------------------------------------------------
+
+
+class Journaled(Part):
+    """Like Recording, and it also journals its checks and has the health sections it is given."""
+
+    def __init__(
+        self,
+        name: str,
+        journal: list[str],
+        *,
+        fail_start: bool = False,
+        fail_stop: bool = False,
+        refuse: bool = False,
+        sections: dict[str, Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.journal = journal
+        self.fail_start = fail_start
+        self.fail_stop = fail_stop
+        self.refuse = refuse
+        self.sections = sections or {}
+        self.config: Config | None = None
+
+    async def start(self) -> None:
+        self.journal.append(f"start {self.name}")
+        if self.fail_start:
+            raise OSError("address already in use")
+
+    async def stop(self, deadline: float) -> None:
+        self.journal.append(f"stop {self.name}")
+        if self.fail_stop:
+            raise RuntimeError("stuck")
+
+    def check(self, new: Config) -> None:
+        self.journal.append(f"check {self.name}")
+        if self.refuse:
+            raise ReloadRefused(f"{self.name} cannot change live")
+
+    def apply(self, new: Config) -> None:
+        self.journal.append(f"apply {self.name}")
+        self.config = new
+
+    def health(self) -> dict[str, Any]:
+        return self.sections
+
+
+async def test_a_part_that_fails_to_stop_is_logged_and_the_others_still_stop() -> None:
+    journal: list[str] = []
+    chain = [
+        Journaled("a", journal),
+        Journaled("b", journal, fail_stop=True),
+        Journaled("c", journal),
+    ]
+    with capture_logs() as logged:
+        await stop_all(chain, asyncio.get_running_loop().time() + 5)
+    assert journal == ["stop c", "stop b", "stop a"]
+    errors = [e for e in logged if e["log_level"] == "error"]
+    assert [(e["event"], e["part"], e["reason"]) for e in errors] == [
+        ("part failed to stop", "b", "RuntimeError: stuck")
+    ]
+
+
+def test_a_reload_is_checked_by_every_part_before_any_applies_it() -> None:
+    journal: list[str] = []
+    chain = [Journaled(name, journal) for name in ("a", "b")]
+    new = make_config(worker={"slots": 3})
+    apply_all(chain, new)
+    assert journal == ["check a", "check b", "apply a", "apply b"]
+    assert all(part.config is new for part in chain)
+
+
+def test_apply_all_takes_any_iterable_once() -> None:
+    journal: list[str] = []
+    chain = [Journaled(name, journal) for name in ("a", "b")]
+    apply_all((part for part in chain), make_config())  # a generator is read once, fully
+    assert journal == ["check a", "check b", "apply a", "apply b"]
+
+
+def test_health_sections_are_merged_one_level_deep() -> None:
+    journal: list[str] = []
+    chain = [
+        Journaled("outbound", journal, sections={"loadBalancer": {"url": "ws://x", "n": 1}}),
+        Journaled("inbound", journal, sections={"loadBalancer": {"inbound": {"port": 3001}}}),
+        Journaled("deliveries", journal, sections={"webhooks": {"pending": 0}}),
+        Journaled("plain", journal, sections={"note": "first"}),
+        Journaled("later", journal, sections={"note": "second", "loadBalancer": {"n": 2}}),
+    ]
+    assert health_of(chain) == {
+        "loadBalancer": {"url": "ws://x", "n": 2, "inbound": {"port": 3001}},
+        "webhooks": {"pending": 0},
+        "note": "second",
+    }
+    assert health_of([Part()]) == {}
+
+
+async def test_the_default_part_does_nothing_and_takes_any_reload() -> None:
+    part = Part()
+    await part.start()
+    part.check(make_config())
+    part.apply(make_config())
+    await part.stop(asyncio.get_running_loop().time())
+    assert part.health() == {}
+
+
+async def test_cancel_and_wait_returns_once_the_task_has_really_ended() -> None:
+    started = asyncio.Event()
+    cleaned: list[bool] = []
+
+    async def background() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned.append(True)
+
+    task = asyncio.create_task(background())
+    await started.wait()
+    await cancel_and_wait(task)
+    assert task.cancelled()
+    assert cleaned == [True]
+    await cancel_and_wait(task)  # already done: nothing to do
+    await cancel_and_wait(None)

@@ -63,7 +63,7 @@ async def test_full_queue_and_maintenance_refuse_admission() -> None:
     queued = slots.admit(1)
     with pytest.raises(Unavailable, match="Queue is full"):
         slots.admit(1)
-    slots.set_status("maintenance")
+    slots.hold("maintenance")
     with pytest.raises(Unavailable, match="maintenance"):
         slots.admit(1)
     assert slots.state().available == 0
@@ -99,7 +99,7 @@ async def test_subscribers_see_every_change() -> None:
     unsubscribe = slots.subscribe(seen.append)
     lease = await slots.admit(1).lease()
     lease.release()
-    slots.set_status("maintenance")
+    slots.hold("maintenance")
     unsubscribe()
-    slots.set_status("ready")
+    slots.hold("maintenance", False)
     assert [(s.used, s.status) for s in seen] == [(1, "ready"), (0, "ready"), (0, "maintenance")]

@@ -1,4 +1,5 @@
-"""Mode stream against a real server: chunks as produced, SSE, failures, hang-ups, back-pressure."""
+"""Mode stream against a real server: chunks as produced, SSE, failures, hang-ups, back-pressure;
+and its pieces (worker/streaming.py) without one."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from types import ModuleType
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from tests.conftest import AUTH, Running, Worker, task, wait_for
+from worker.jsoncodec import NotJSON
 from worker.outcomes import Outcome
+from worker.streaming import chunk_text, event_frame, wants_events
 
 StartWorker = Callable[..., Awaitable[Worker]]
 SSE = {**AUTH, "Accept": "text/event-stream"}
@@ -81,6 +85,24 @@ async def test_failure_after_output_is_an_error_event_in_sse(worker_app: StartWo
         "task_id": resp.headers["X-Task-Id"],
         "error": "failed after output began",
     }
+
+
+async def test_a_chunk_that_is_not_json_ends_the_stream_in_error_never_as_invalid_json(
+    worker_app: StartWorker,
+) -> None:
+    """A chunk {"v": inf} was streamed as `{"v": Infinity}`."""
+    client, _ = await worker_app()
+    body = task("stream_infinity", mode="stream")
+    async with client.post("/task", json=body, headers=SSE) as resp:
+        text = (await resp.read()).decode()
+    assert "Infinity" not in text
+    assert text.startswith("data: first\n")
+    error = json.loads(text.split("event: error\ndata: ", 1)[1])
+    assert error["error"].startswith("Function result is not JSON-serialisable")
+    async with client.post("/task", json=body, headers=AUTH) as resp:
+        assert await resp.content.readline() == b"first\n"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
 
 
 async def test_failure_after_output_aborts_a_plain_stream(worker_app: StartWorker) -> None:
@@ -195,3 +217,37 @@ async def test_a_returned_value_is_the_last_chunk_and_must_be_json(
     async with client.post("/task", json=bad, headers=AUTH) as resp:
         assert resp.status == 500
         assert "not JSON-serialisable" in (await resp.json())["error"]
+
+
+# --- the pieces, without a server ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("accept", "events"),
+    [
+        ("text/event-stream", True),
+        ("text/html, Text/Event-Stream;q=0.9", True),
+        ("application/json", False),
+        ("text/event-streams", False),
+        ("", False),
+    ],
+)
+def test_wants_events_reads_the_accept_header(accept: str, events: bool) -> None:
+    request = make_mocked_request("POST", "/task", headers={"Accept": accept} if accept else {})
+    assert wants_events(request) is events
+
+
+def test_chunk_text_keeps_text_decodes_bytes_and_writes_the_rest_as_json() -> None:
+    assert chunk_text("line\n") == "line\n"
+    assert chunk_text("é".encode()) == "é"
+    assert chunk_text(bytearray(b"\xff")) == "\ufffd"  # undecodable bytes do not stop a stream
+    assert json.loads(chunk_text({"n": [1, None]})) == {"n": [1, None]}
+    with pytest.raises(NotJSON):
+        chunk_text(float("nan"))
+
+
+def test_event_frame_splits_lines_into_data_fields() -> None:
+    assert event_frame("one") == b"data: one\n\n"
+    assert event_frame("a\r\nb\rc\nd") == b"data: a\ndata: b\ndata: c\ndata: d\n\n"
+    assert event_frame("{}", "end") == b"event: end\ndata: {}\n\n"
+    assert event_frame("") == b"data: \n\n"

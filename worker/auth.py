@@ -35,6 +35,11 @@ def require_operator(headers: Mapping[str, str], keys: AuthSection) -> None:
         raise Unauthorized("Invalid x-lb-auth header")
 
 
+def who(headers: Mapping[str, str]) -> str:
+    """Who asked, for the audit line of an operator request that passed `require_operator`."""
+    return "load balancer" if LB_HEADER in headers else "operator"
+
+
 def require_any(headers: Mapping[str, str], keys: AuthSection) -> None:
     """GET /logs: AUTH_KEY in Authorization or LB_AUTH_KEY in x-lb-auth."""
     if not (

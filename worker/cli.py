@@ -62,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(f"base-worker: {exc}")
         for name in registry.functions:
             print(name)
+        for name in registry.services:
+            print(f"service {name}")
         return
     from worker.lifecycle import run
 

@@ -25,6 +25,7 @@ from worker.errors import ConfigError
 DEFAULT_PATH = Path("/etc/base-worker/config.toml")
 # Keys that config.example.toml ships with; a daemon using them warns loudly at startup.
 DEV_ONLY_KEYS = frozenset({"dev-only-auth-key", "dev-only-lb-key"})
+STRONG_KEY_LENGTH = 16  # characters; a shorter key is accepted with a warning
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "console", "json", "journal"]
@@ -62,6 +63,8 @@ class WorkerSection:
     max_queue: int = option(10000, env="MAX_QUEUE", minimum=0, help="queued tasks beyond slots")
     default_timeout: float = option(30.0, env="DEFAULT_TIMEOUT", unit="ms", minimum=0.001)
     drain_timeout: float = option(60.0, minimum=0)
+    drain_grace: float = option(0.0, env="DRAIN_GRACE", minimum=0)
+    service_start_timeout: float = option(60.0, minimum=0.001)
     functions: tuple[str, ...] = option(("worker.examples",), restart=True)
     # systemd's StateDirectory= sets $STATE_DIRECTORY, so the unit needs no extra setting.
     state_dir: str = option("", env="STATE_DIRECTORY", restart=True)
@@ -101,6 +104,7 @@ class LoggingSection:
     level: LogLevel = option("info", env="LOG_LEVEL", flag="--log-level", help="log level")
     max_lines: int = option(1000, env="MAX_LOGS", minimum=1)
     format: LogFormat = option("auto", restart=True, help="log output format")
+    access: bool = option(False, help="one line per HTTP request")
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,11 @@ class Config:
     @property
     def uses_dev_keys(self) -> bool:
         return bool({self.auth.auth_key, self.auth.lb_auth_key} & DEV_ONLY_KEYS)
+
+    def weak_keys(self) -> list[str]:
+        """The names of the keys set but shorter than STRONG_KEY_LENGTH."""
+        keys = {"auth.auth_key": self.auth.auth_key, "auth.lb_auth_key": self.auth.lb_auth_key}
+        return [name for name, key in keys.items() if 0 < len(key) < STRONG_KEY_LENGTH]
 
     def secrets(self) -> frozenset[str]:
         """Values that must never appear in a log line or an error message."""

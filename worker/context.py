@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
 Mode = Literal["sync", "stream", "webhook"]
+_NO_SERVICES: Mapping[str, Any] = MappingProxyType({})
 
 
 class StreamWriter(Protocol):
@@ -29,3 +32,13 @@ class TaskContext:
     mode: Mode
     stream: StreamWriter | None
     log: Any  # a structlog BoundLogger carrying task_id and function
+    # The started services' values by name (`@service`), as they are now.
+    services: Mapping[str, Any] = field(default_factory=lambda: _NO_SERVICES)
+
+
+@dataclass(frozen=True)
+class ServiceContext:
+    """Passed to every service as `ctx`."""
+
+    name: str
+    log: Any  # a structlog BoundLogger carrying the service's name

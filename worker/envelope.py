@@ -15,6 +15,7 @@ from worker.params import validate_input
 from worker.tasks import TaskSpec, WebhookTarget
 
 MAX_PRIORITY = 2097152
+MAX_CONTRACT = 2**31 - 1
 MODES = ("sync", "stream", "webhook")
 _BALANCER_TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -37,7 +38,7 @@ class TaskEnvelopeSchema(Schema):
 
     function = fields.String(required=True, validate=validate.Length(min=1))
     input = fields.Dict(load_default=dict)
-    contract = fields.Integer(required=True, strict=True)
+    contract = fields.Integer(required=True, strict=True, validate=validate.Range(1, MAX_CONTRACT))
     priority = fields.Integer(strict=True, load_default=1, validate=validate.Range(1, MAX_PRIORITY))
     mode = fields.String(load_default="sync", validate=validate.OneOf(MODES))
     webhook = fields.Nested(WebhookSchema)
@@ -82,6 +83,7 @@ def plain_envelope(body: dict[str, Any]) -> dict[str, Any] | None:
         type(function) is not str
         or not function
         or type(contract) is not int
+        or not 1 <= contract <= MAX_CONTRACT
         or type(priority) is not int
         or not 1 <= priority <= MAX_PRIORITY
         or (mode != "sync" and mode != "stream")

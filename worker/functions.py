@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +24,7 @@ from worker.params import ParamsError, compile_params
 
 _FUNCTION_MARK = "__base_worker_function__"
 _TAG_MARK = "__base_worker_tag__"
+_SERVICE_MARK = "__base_worker_service__"
 
 Kind = Literal["async", "thread", "generator"]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -58,6 +59,19 @@ class TagSpec:
 
     name: str
     compute: Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A long-lived helper (Andera's defineService): an async generator with one `yield`.
+
+    Before the `yield` it starts (what it yields is its status and what `ctx.services[name]`
+    gives functions); after it, it stops.
+    """
+
+    name: str
+    factory: Callable[[Any], AsyncGenerator[Any, None]]
+    restart_on_failure: bool = False
 
 
 def _kind_of(handler: Callable[..., Any]) -> Kind:
@@ -119,6 +133,24 @@ def function(
     return mark(handler) if handler is not None else mark
 
 
+def service(
+    handler: F | None = None, *, name: str | None = None, restart_on_failure: bool = False
+) -> Any:
+    """Mark `factory(ctx)`, an async generator with one `yield`, as a service that starts before
+    the worker serves and stops after it drained (usable bare or with options)."""
+
+    def mark(factory: F) -> F:
+        if not inspect.isasyncgenfunction(factory):
+            raise ParamsError(
+                f"service {factory.__name__}: must be an async generator (async def with yield)"
+            )
+        spec = ServiceSpec(name or factory.__name__, factory, restart_on_failure)
+        setattr(factory, _SERVICE_MARK, spec)
+        return factory
+
+    return mark(handler) if handler is not None else mark
+
+
 def tag(name: str) -> Callable[[F], F]:
     """Mark a no-argument callable (plain or async) whose value appears under /health `tags`."""
 
@@ -131,10 +163,12 @@ def tag(name: str) -> Callable[[F], F]:
 
 @dataclass(frozen=True)
 class Registry:
-    """The functions and tags loaded at startup, by name."""
+    """The functions, tags and services loaded at startup, by name (services in the order
+    they were declared)."""
 
     functions: Mapping[str, FunctionSpec]
     tags: Mapping[str, TagSpec]
+    services: Mapping[str, ServiceSpec] = field(default_factory=dict)
 
     def get(self, name: str) -> FunctionSpec | None:
         return self.functions.get(name)
@@ -187,6 +221,7 @@ def load(sources: Iterable[str]) -> Registry:
     functions: dict[str, FunctionSpec] = {}
     origins: dict[str, str] = {}
     tags: dict[str, TagSpec] = {}
+    services: dict[str, ServiceSpec] = {}
     for source in sources:
         try:
             modules = list(_modules_of(source))
@@ -211,6 +246,12 @@ def load(sources: Iterable[str]) -> Registry:
                 tag_spec = getattr(value, _TAG_MARK, None)
                 if isinstance(tag_spec, TagSpec):
                     tags[tag_spec.name] = tag_spec
+                service_spec = getattr(value, _SERVICE_MARK, None)
+                if isinstance(service_spec, ServiceSpec):
+                    known = services.get(service_spec.name)
+                    if known is not None and known.factory is not service_spec.factory:
+                        raise LoadError(f"service {service_spec.name!r} is defined twice")
+                    services[service_spec.name] = service_spec
     if not functions:
         raise LoadError(f"no functions found in {', '.join(sources)}")
-    return Registry(functions=functions, tags=tags)
+    return Registry(functions=functions, tags=tags, services=services)

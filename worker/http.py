@@ -14,12 +14,18 @@ from worker import __version__, auth, health, logtail, openapi
 from worker.config import Config
 from worker.context import Mode
 from worker.envelope import parse_json, validate_task
-from worker.errors import PayloadTooLarge, RequestTimeout, Unavailable, WorkerError
+from worker.errors import (
+    PayloadTooLarge,
+    RequestTimeout,
+    Unauthorized,
+    Unavailable,
+    WorkerError,
+)
 from worker.functions import Registry
-from worker.logs import LogBuffer
+from worker.logs import LogBuffer, Throttle
 from worker.maintenance import Maintenance
 from worker.parts import Part
-from worker.responses import json_response
+from worker.responses import RETRY_AFTER, json_response
 from worker.slots import REFUSALS, SlotManager
 from worker.tasks import TaskSpec
 
@@ -27,16 +33,21 @@ _log = structlog.get_logger("worker.http")
 
 # How a mode (sync, stream, webhook) answers the request of a task it was handed.
 Answer = Callable[[web.Request, TaskSpec], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+REFUSED_LOG = web.AppKey("refused_log", Throttle)  # refused credentials, per remote address
 
 
 @web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every error becomes `{"success": false, "error": ...}` with its status and headers."""
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error becomes `{"success": false, "error": ...}` with its status and headers; a
+    refused credential is logged with the remote address, at most a line a second each."""
     try:
         return await handler(request)
     except WorkerError as exc:
+        if isinstance(exc, Unauthorized):
+            _log_refusal(request.app[REFUSED_LOG], request, exc.message)
         response = json_response(exc.body(), exc.status, dict(exc.headers))
         if exc.closes_connection:
             return await _answer_and_close(request, response)
@@ -49,6 +60,19 @@ async def error_middleware(
     except Exception:
         _log.exception("internal error", path=request.path)
         return json_response({"success": False, "error": "Internal error"}, 500)
+
+
+def _log_refusal(refusals: Throttle, request: web.Request, reason: str) -> None:
+    peer = request.remote or "unknown"
+    suppressed = refusals.allow(peer)
+    if suppressed is not None:
+        _log.warning(
+            "unauthorized request",
+            peer=peer,
+            path=request.path,
+            reason=reason,
+            suppressed=suppressed,
+        )
 
 
 async def _answer_and_close(request: web.Request, response: web.Response) -> web.Response:
@@ -108,8 +132,10 @@ class Api(Part):
             middlewares=[error_middleware],
             client_max_size=self._config.http.max_body_size,
         )
+        app[REFUSED_LOG] = Throttle()
         app.router.add_post("/task", self.post_task)
         app.router.add_get("/health", self.get_health)
+        app.router.add_get("/ready", self.get_ready)
         app.router.add_get("/logs", self.get_logs)
         app.router.add_post("/off", self.post_off)
         app.router.add_post("/on", self.post_on)
@@ -120,9 +146,8 @@ class Api(Part):
     async def post_task(self, request: web.Request) -> web.StreamResponse:
         config = self._config
         auth.require_operator(request.headers, config.auth)
-        status = self._slots.status
-        if status != "ready":
-            raise Unavailable(REFUSALS[status])
+        if not self._slots.accepting:
+            raise Unavailable(REFUSALS[self._slots.status])
         http = config.http
         body = parse_json(await _read_body(request, http.max_body_size, http.body_timeout))
         spec = validate_task(body, self._registry, config.worker.group, config.worker.contract)
@@ -148,6 +173,13 @@ class Api(Part):
         }
         return json_response(body)
 
+    async def get_ready(self, request: web.Request) -> web.Response:
+        """For plain load balancers: 200 while new tasks are taken, else 503 saying why."""
+        status = self._slots.status
+        if status == "ready":
+            return json_response({"status": status})
+        return json_response({"status": status}, 503, {"Retry-After": RETRY_AFTER})
+
     async def get_logs(self, request: web.Request) -> web.StreamResponse:
         auth.require_any(request.headers, self._config.auth)
         return await logtail.answer(request, self._logs)
@@ -155,11 +187,11 @@ class Api(Part):
     async def post_off(self, request: web.Request) -> web.Response:
         auth.require_operator(request.headers, self._config.auth)
         self._maintenance.set(True)
-        _log.info("maintenance mode enabled")
+        _log.info("maintenance mode enabled", by=auth.who(request.headers), peer=request.remote)
         return json_response({"status": "maintenance", "message": "Maintenance mode enabled"})
 
     async def post_on(self, request: web.Request) -> web.Response:
         auth.require_operator(request.headers, self._config.auth)
         self._maintenance.set(False)
-        _log.info("maintenance mode disabled")
+        _log.info("maintenance mode disabled", by=auth.who(request.headers), peer=request.remote)
         return json_response({"status": "ready", "message": "Maintenance mode disabled"})

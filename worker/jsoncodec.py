@@ -10,6 +10,7 @@ standard library (`dumps_result`), so their text does not depend on the installe
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,14 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
 
 
+def _finite(text: str) -> float:
+    """A JSON number that overflows a double (1e400) would become infinity, not a number."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is too large for a number")
+    return value
+
+
 if orjson is not None:
 
     def loads(raw: bytes | str) -> Any:
@@ -48,7 +57,7 @@ if orjson is not None:
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return json.loads(raw, parse_constant=_not_json)
+            return json.loads(raw, parse_constant=_not_json, parse_float=_finite)
 
     def dumps_log(value: Any, default: Callable[[Any], Any] | None = None, **_: Any) -> str:
         """The log renderer's serializer (structlog passes `default=` for odd values)."""
@@ -65,7 +74,7 @@ else:  # pragma: no cover - depends on the installed extras
 
     def loads(raw: bytes | str) -> Any:
         """Parse JSON text; ValueError (JSONDecodeError, UnicodeDecodeError) when it is not."""
-        return json.loads(raw, parse_constant=_not_json)
+        return json.loads(raw, parse_constant=_not_json, parse_float=_finite)
 
     def dumps_log(value: Any, default: Callable[[Any], Any] | None = None, **_: Any) -> str:
         """The log renderer's serializer (structlog passes `default=` for odd values)."""

@@ -26,6 +26,7 @@ from worker.functions import Registry
 from worker.lb_protocol import (
     CLOSE_TIMEOUT,
     MAX_MESSAGE,
+    ServiceList,
     StatusFeed,
     close,
     outbound_status,
@@ -62,11 +63,13 @@ class OutboundClient(Part):
         slots: SlotManager,
         registry: Registry,
         config: Config,
+        services: ServiceList,
         timings: Timings | None = None,
     ) -> None:
         self._slots = slots
         self._registry = registry
         self._config = config
+        self._services = services
         self._timings = timings or Timings()
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
@@ -247,7 +250,7 @@ class OutboundClient(Part):
                 if _identity(again) != _identity(announced):
                     announced = again
                     await send(ws, announced)
-            await send(ws, outbound_status(state))
+            await send(ws, outbound_status(state, self._services))
 
     def _register(self, state: SlotState) -> dict[str, Any]:
         return register(self._config, self._registry, state)

@@ -54,22 +54,27 @@ def ping_reply(state: SlotState) -> dict[str, Any]:
     return {"status": state.status, "slots": state.as_dict()}
 
 
-def inbound_status(state: SlotState) -> dict[str, Any]:
+# The services as /health lists them (`[{"name", "state", "status"}]`), now.
+ServiceList = Callable[[], list[dict[str, Any]]]
+
+
+def inbound_status(state: SlotState, services: ServiceList) -> dict[str, Any]:
     """The inbound link's periodic and on-change message (the Andera worker's shape)."""
     return {
         "status": state.status,
         "slots": state.as_dict(),
         "system": health.system(),
-        "services": [],
+        "services": services(),
     }
 
 
-def outbound_status(state: SlotState) -> dict[str, Any]:
+def outbound_status(state: SlotState, services: ServiceList) -> dict[str, Any]:
     return {
         "type": "status",
         "status": state.status,
         "slots": state.as_dict(),
         "system": health.system(),
+        "services": services(),
     }
 
 
@@ -103,7 +108,8 @@ def advertise_url(cfg: Config) -> str:
 
 def without_credentials(url: str) -> str:
     """A URL safe for logs and /health: any `user:password@` and query string are masked."""
-    url = re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#@]*@", r"\1***@", url)
+    # Up to the last `@` before the path: a password may hold a raw `@` (yarl reads it so).
+    url = re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@", r"\1***@", url)
     return re.sub(r"\?.*$", "?***", url)
 
 

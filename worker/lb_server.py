@@ -20,12 +20,14 @@ from worker.lb_protocol import (
     CLOSE_TIMEOUT,
     CLOSE_UNAUTHORIZED,
     MAX_MESSAGE,
+    ServiceList,
     StatusFeed,
     close,
     inbound_status,
     ping_reply,
     send,
 )
+from worker.logs import Throttle
 from worker.parts import Part
 from worker.slots import SlotManager
 
@@ -40,13 +42,15 @@ class InboundServer(Part):
 
     name = "load balancer websocket"
 
-    def __init__(self, slots: SlotManager, config: Config) -> None:
+    def __init__(self, slots: SlotManager, config: Config, services: ServiceList) -> None:
         self._slots = slots
         self._config = config
+        self._services = services
         self._links: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
         self.port = 0
         self.refused = 0
+        self._refusals = Throttle()  # one line a second per address: anyone can knock
 
     async def start(self) -> None:
         """Bind and serve when `load_balancer.websocket_port` is set; OSError when it cannot."""
@@ -150,11 +154,15 @@ class InboundServer(Part):
         headers.popall(hdrs.SEC_WEBSOCKET_PROTOCOL, None)
         ws = web.WebSocketResponse(compress=False, timeout=CLOSE_TIMEOUT)
         await ws.prepare(request.clone(headers=headers))
-        _log.warning(
-            "load balancer websocket refused: missing or wrong key in Sec-WebSocket-Protocol",
-            peer=request.remote,
-            protocols_offered=offered,
-        )
+        peer = request.remote or "unknown"
+        suppressed = self._refusals.allow(peer)
+        if suppressed is not None:
+            _log.warning(
+                "load balancer websocket refused: missing or wrong key in Sec-WebSocket-Protocol",
+                peer=peer,
+                protocols_offered=offered,
+                suppressed=suppressed,
+            )
         await close(ws, CLOSE_UNAUTHORIZED, b"Unauthorized")
         return ws
 
@@ -162,7 +170,7 @@ class InboundServer(Part):
         """Send the status at once, then every second and on every change."""
         try:
             while not ws.closed:
-                await send(ws, inbound_status(await feed.next()))
+                await send(ws, inbound_status(await feed.next(), self._services))
         except (TimeoutError, ConnectionError) as exc:
             # A balancer that stopped reading: drop it rather than buffer for it.
             _log.warning("load balancer link (inbound) stalled, closing", reason=str(exc))

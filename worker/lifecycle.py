@@ -47,6 +47,7 @@ from worker.parts import (
 )
 from worker.runner import Runner
 from worker.server import HttpServer, raise_open_file_limit
+from worker.services import Services
 from worker.slots import SlotManager
 from worker.streaming import StreamMode
 from worker.sync import SyncMode
@@ -75,6 +76,7 @@ class Worker:
     api: Api
     app: web.Application
     status_line: StatusLine
+    services: Services
     watchdog: Watchdog
     inbound: InboundServer
     outbound: OutboundClient
@@ -108,6 +110,7 @@ class Worker:
             self.maintenance,
             self.api,
             self.status_line,
+            self.services,  # the users' own; every task has ended before they stop
             self.inbound,
             self.outbound,
             self.listener,  # nothing is served before every part above is up
@@ -125,8 +128,10 @@ def build(
 ) -> Worker:
     """Wire the parts of one run together."""
     slots = SlotManager(cfg.worker.slots, cfg.worker.max_queue)
+    slots.hold("starting")  # until every part is up
     runner = Runner(cfg.worker.default_timeout)
-    dispatcher = Dispatcher(slots, runner)
+    services = Services(registry.services, slots, notifier, cfg)
+    dispatcher = Dispatcher(slots, runner, services.values)
     deliveries = Deliveries(cfg.webhook)
     maintenance = Maintenance(slots, cfg.worker.state_dir)
     answers: dict[Mode, Answer] = {
@@ -155,9 +160,10 @@ def build(
         api=api,
         app=app,
         status_line=StatusLine(notifier, slots),
+        services=services,
         watchdog=Watchdog(notifier),
-        inbound=InboundServer(slots, cfg),
-        outbound=OutboundClient(slots, registry, cfg),
+        inbound=InboundServer(slots, cfg, services.describe),
+        outbound=OutboundClient(slots, registry, cfg, services.describe),
         listener=HttpServer(app, cfg, inherited),
     )
     return worker
@@ -199,6 +205,7 @@ class Daemon:
         except StartFailed as exc:
             _log.error("cannot start", part=exc.part, reason=str(exc))
             return 1
+        worker.slots.hold("starting", False)
         self._install_signals(worker)
         self._log_startup(worker)
         _freeze_heap()
@@ -214,6 +221,7 @@ class Daemon:
             reload.cancel()
         await stop_all(worker.parts, deadline)
         summary["undelivered"] = worker.deliveries.abandoned
+        self.notifier.close()
         # Last, so that it is the final line whatever the parts logged while closing.
         _log.info("stopped", **summary)
         return 0
@@ -225,14 +233,16 @@ class Daemon:
             new = config.load(self.path, self.environ, self.flags)
             apply_all(worker.parts, new)
         except (ConfigError, ReloadRefused) as exc:
-            _log.error("reload refused, keeping the running config", reason=str(exc))
+            _log.error("reload refused, keeping the running config", by="SIGHUP", reason=str(exc))
             self.notifier.ready(worker.slots.state())
             return
         self.config = new
         if self.path is None:
             _log.info("reload: no config file, re-reading the environment only")
         _log.info(
-            "configuration reloaded", changed=", ".join(config.changed(old, new)) or "nothing"
+            "configuration reloaded",
+            by="SIGHUP",
+            changed=", ".join(config.changed(old, new)) or "nothing",
         )
         restart = config.needs_restart(old, new)
         if restart:
@@ -240,9 +250,13 @@ class Daemon:
         self.notifier.ready(worker.slots.state())
 
     async def _drain(self, worker: Worker, deadline: float) -> dict[str, int]:
-        """Finish what was accepted, up to the deadline; returns what became of it."""
+        """Finish what was accepted, up to the deadline; returns what became of it. During the
+        first `drain_grace` seconds new tasks are still taken, though the status says draining."""
         dispatcher = worker.dispatcher
-        worker.slots.set_status("draining")
+        loop = asyncio.get_running_loop()
+        grace = min(self.config.worker.drain_grace, max(deadline - loop.time(), 0.0))
+        worker.slots.set_grace(grace > 0)
+        worker.slots.hold("draining")
         before = dispatcher.counts.copy()
         self.notifier.stopping(f"draining: {dispatcher.in_flight} tasks in flight")
         _log.info(
@@ -251,8 +265,10 @@ class Daemon:
             queued=worker.slots.state().queue,
             pending_deliveries=worker.deliveries.pending,
             timeout=self.config.worker.drain_timeout,
+            grace=grace,
         )
-        if not await self._wait_drained(worker, deadline):
+        if not await self._wait_drained(worker, loop.time() + grace, deadline):
+            worker.slots.set_grace(False)
             cancelled = dispatcher.cancel_all()
             _log.warning("drain deadline passed, cancelling what is left", tasks=cancelled)
             # Let the cancelled tasks answer their clients (503) before the listener closes.
@@ -265,27 +281,36 @@ class Daemon:
             "cancelled": after[Outcome.CANCELLED],
         }
 
-    async def _wait_drained(self, worker: Worker, deadline: float) -> bool:
-        """Wait for tasks and deliveries, telling systemd to extend its stop timeout meanwhile;
-        False when the deadline passed or a second signal said to stop at once."""
-        everything = asyncio.ensure_future(worker.idle())
-        now_task = asyncio.ensure_future(self._now.wait())
+    async def _wait_drained(self, worker: Worker, grace_ends: float, deadline: float) -> bool:
+        """Take tasks until `grace_ends`, then wait for tasks and deliveries to finish, telling
+        systemd to extend its stop timeout meanwhile; False when the deadline passed or a second
+        signal said to stop at once."""
         loop = asyncio.get_running_loop()
+        now_task: asyncio.Future[Any] = asyncio.ensure_future(self._now.wait())
+        idle: asyncio.Future[Any] | None = None
         try:
             while True:
-                remaining = deadline - loop.time()
+                now = loop.time()
+                remaining = deadline - now
                 if remaining <= 0 or self._now.is_set():
                     return False
-                self.notifier.extend_stop(min(remaining, EXTEND_EVERY) + EXTEND_EVERY)
+                self.notifier.extend_timeout(min(remaining, EXTEND_EVERY) + EXTEND_EVERY)
+                if now < grace_ends:
+                    await asyncio.wait({now_task}, timeout=min(grace_ends - now, EXTEND_EVERY))
+                    continue
+                if idle is None:
+                    worker.slots.set_grace(False)
+                    idle = asyncio.ensure_future(worker.idle())
                 done, _ = await asyncio.wait(
-                    {everything, now_task},
+                    {idle, now_task},
                     timeout=min(remaining, EXTEND_EVERY),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
-                if everything in done:
+                if idle in done:
                     return True
         finally:
-            everything.cancel()
+            if idle is not None:
+                idle.cancel()
             now_task.cancel()
 
     def _install_signals(self, worker: Worker) -> None:
@@ -335,6 +360,11 @@ class Daemon:
             contract=cfg.worker.contract,
             status=worker.slots.status,
         )
+        for name in cfg.weak_keys():
+            _log.warning(
+                f"{name} is shorter than {config.STRONG_KEY_LENGTH} characters: a weak key",
+                generate="python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            )
         if cfg.uses_dev_keys:
             _log.warning(
                 "USING DEV-ONLY KEYS FROM config.example.toml: anyone who read the example can "

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
 import sys
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 from worker import jsoncodec
 from worker.config import Config
@@ -32,11 +35,14 @@ LEVELS = {
 # syslog priorities, which journald reads from a `<N>` prefix
 _JOURNAL_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "exception": 3, "critical": 2}
 MASK = "***"
-# An Authorization or x-lb-auth value, whoever renders one (a library, a function's own log).
+# An Authorization or x-lb-auth value, whoever renders one (a library, a function's own log),
+# in any quoting, JSON-escaped quotes included.
 _CREDENTIAL = re.compile(
-    r"(?i)(authorization|x-lb-auth)(\s*[\"']?\s*[:=]\s*[\"']?\s*)((?:bearer|basic)\s+)?"
-    r"[^\s\"',;}\]]+"
+    r"(?i)(authorization|x-lb-auth)(\\?[\"']?\s*[:=]\s*\\?[\"']?\s*)((?:bearer|basic)\s+)?"
+    r"[^\s\"'\\,;}\]]+"
 )
+# A secret is masked only where it stands whole: not inside a longer run of these characters.
+_TOKEN_CHARS = r"A-Za-z0-9_\-"
 
 
 def mask_credentials(line: str) -> str:
@@ -44,6 +50,58 @@ def mask_credentials(line: str) -> str:
     if "auth" not in line.lower():
         return line
     return _CREDENTIAL.sub(lambda m: f"{m[1]}{m[2]}{m[3] or ''}{MASK}", line)
+
+
+class Masker:
+    """Replaces whole secret values, as they are or JSON-escaped, and nothing else: with a
+    key `k`, the word `task` stays `task`."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        forms = {form for secret in secrets if secret for form in _written_forms(secret)}
+        self._forms = tuple(sorted(forms, key=len, reverse=True))  # a longer one wins
+        alternatives = "|".join(re.escape(form) for form in self._forms)
+        self._pattern = (
+            re.compile(f"(?<![{_TOKEN_CHARS}])(?:{alternatives})(?![{_TOKEN_CHARS}])")
+            if alternatives
+            else None
+        )
+
+    def __call__(self, line: str) -> str:
+        if self._pattern is not None and any(form in line for form in self._forms):
+            line = self._pattern.sub(MASK, line)
+        return mask_credentials(line)
+
+
+def _written_forms(secret: str) -> set[str]:
+    """The secret as it is, and as it reads inside a JSON string (once and twice escaped)."""
+    once = json.dumps(secret)[1:-1]
+    return {secret, once, json.dumps(once)[1:-1]}
+
+
+class Throttle:
+    """At most one line per `every` seconds for each key (a remote address); the line that may
+    be written says how many were suppressed since the last one. Remembers at most `keys`."""
+
+    def __init__(
+        self, every: float = 1.0, keys: int = 4096, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._every = every
+        self._keys = keys
+        self._clock = clock
+        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def allow(self, key: str) -> int | None:
+        """The suppressed count when a line may be written now, else None."""
+        now = self._clock()
+        written, suppressed = self._seen.get(key, (-self._every, 0))
+        if now - written < self._every:
+            self._seen[key] = (written, suppressed + 1)
+            return None
+        self._seen[key] = (now, 0)
+        self._seen.move_to_end(key)
+        if len(self._seen) > self._keys:
+            self._seen.popitem(last=False)
+        return suppressed
 
 
 Listener = Callable[[str], None]
@@ -95,14 +153,11 @@ class _Sink:
     def __init__(self, output: TextIO, buffer: LogBuffer) -> None:
         self.output = output
         self.buffer = buffer
-        self.secrets: tuple[str, ...] = ()
+        self.mask = Masker(())
         self._flush_pending = False
 
     def msg(self, line: str) -> None:
-        for secret in self.secrets:
-            if secret in line:
-                line = line.replace(secret, MASK)
-        line = mask_credentials(line)
+        line = self.mask(line)
         try:
             self.output.write(line + "\n")
         except (OSError, ValueError):
@@ -221,8 +276,7 @@ class Logging(Part):
         environ = os.environ if environ is None else environ
         self._configured = (fmt, environ)
         self.format = resolve_format(fmt, self.sink.output, environ)
-        # Longest first, so a secret containing another is masked whole.
-        self.sink.secrets = tuple(sorted(set(secrets), key=len, reverse=True))
+        self.sink.mask = Masker(secrets)
         processors: list[Any] = [
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
@@ -258,9 +312,30 @@ class Logging(Part):
 class _StdlibBridge(logging.Handler):
     """Send the standard library's records (aiohttp's, asyncio's) through structlog."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.malformed = Throttle()
+
     def emit(self, record: logging.LogRecord) -> None:
+        if _malformed_request(record, self.malformed):
+            return
         logger = structlog.get_logger(record.name)
         fields: dict[str, Any] = {"logger": record.name}
         if record.exc_info:
             fields["exc_info"] = record.exc_info
         logger.log(record.levelno, record.getMessage(), **fields)
+
+
+def _malformed_request(record: logging.LogRecord, throttle: Throttle) -> bool:
+    """aiohttp logs a request it cannot parse as an error with a traceback; anyone can send
+    one, so it becomes a warning without traceback, one a second per remote address."""
+    failure = record.exc_info[1] if record.exc_info else None
+    if record.name != "aiohttp.server" or not isinstance(failure, HttpProcessingError):
+        return False
+    peer = str(record.args[0]) if isinstance(record.args, tuple) and record.args else "unknown"
+    suppressed = throttle.allow(peer)
+    if suppressed is not None:
+        reason = (failure.message or type(failure).__name__)[:200]
+        log = structlog.get_logger("worker.http")
+        log.warning("malformed request", peer=peer, reason=reason, suppressed=suppressed)
+    return True

@@ -21,6 +21,7 @@ from worker.responses import json_response
 
 FOLLOW_QUEUE = 1000  # lines a follower may fall behind before it loses some
 ALIVE_CHECK = 2.0  # seconds between checks that an idle follower's client is still there
+MAX_LINES = 999_999_999  # `lines=N`: nine digits at most, far above any buffer
 _COUNT = re.compile(r"^\s*\d{1,9}\s*$")
 _YES = ("1", "true", "yes", "on")
 _NO = ("", "0", "false", "no", "off")

@@ -26,7 +26,7 @@ class Maintenance(Part):
     async def start(self) -> None:
         """Start in maintenance when the previous run was left in it."""
         if self._marker is not None and self._marker.exists():
-            self._slots.set_status("maintenance")
+            self._slots.hold("maintenance")
             _log.warning(
                 "starting in maintenance mode (POST /on to serve)", marker=str(self._marker)
             )
@@ -35,7 +35,7 @@ class Maintenance(Part):
         """POST /off (`on` True) and /on; both refused while draining for shutdown."""
         if self._slots.status == "draining":
             raise Conflict("Worker is draining for shutdown; maintenance mode cannot change")
-        self._slots.set_status("maintenance" if on else "ready")
+        self._slots.hold("maintenance", on)
         self._remember(on)
 
     def _remember(self, on: bool) -> None:

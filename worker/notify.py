@@ -6,6 +6,7 @@ Silent when the service manager gave no NOTIFY_SOCKET.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable, Mapping
 
@@ -25,10 +26,7 @@ class Notifier:
     """sd_notify messages; `watchdog_interval` is half of WATCHDOG_USEC, or None."""
 
     def __init__(self, environ: Mapping[str, str], pid: int) -> None:
-        self._systemd = sdnotify.SystemdNotifier() if environ.get("NOTIFY_SOCKET") else None
-        if self._systemd is not None and self._systemd.socket is not None:
-            # A reader that stops reading must cost a dropped message, never a frozen loop.
-            self._systemd.socket.setblocking(False)
+        self._systemd = _connect(environ.get("NOTIFY_SOCKET", ""))
         self.watchdog_interval: float | None = None
         usec = environ.get("WATCHDOG_USEC", "")
         watchdog_pid = environ.get("WATCHDOG_PID", "")
@@ -38,6 +36,11 @@ class Notifier:
     @property
     def enabled(self) -> bool:
         return self._systemd is not None
+
+    def close(self) -> None:
+        if self._systemd is not None and self._systemd.socket is not None:
+            self._systemd.socket.close()
+        self._systemd = None
 
     def send(self, *fields: str) -> None:
         if self._systemd is not None:
@@ -53,8 +56,32 @@ class Notifier:
     def stopping(self, text: str) -> None:
         self.send("STOPPING=1", f"STATUS={text}")
 
-    def extend_stop(self, seconds: float) -> None:
+    def extend_timeout(self, seconds: float) -> None:
+        """Ask systemd for `seconds` more, while starting (services) or stopping (drain)."""
         self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
+
+class _SystemdNotifier(sdnotify.SystemdNotifier):  # type: ignore[misc]
+    """sdnotify's sender on the socket we were given: sdnotify's own constructor reads
+    os.environ, and leaks a socket when it names none."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.debug = False
+        self.socket = sock
+
+
+def _connect(address: str) -> _SystemdNotifier | None:
+    if not address:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.connect("\0" + address[1:] if address.startswith("@") else address)
+    except OSError:
+        sock.close()
+        return None  # as sdnotify does: no manager listening, nothing to tell
+    # A reader that stops reading must cost a dropped message, never a frozen loop.
+    sock.setblocking(False)
+    return _SystemdNotifier(sock)
 
 
 class StatusLine(Part):

@@ -15,7 +15,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from aiohttp import web
 from marshmallow import Schema, fields
@@ -23,13 +23,24 @@ from marshmallow import Schema, fields
 from worker import __version__
 from worker.envelope import MODES, TaskEnvelopeSchema
 from worker.functions import Registry
+from worker.logtail import MAX_LINES
 from worker.params import Number, StrictBoolean
+from worker.slots import Status
 
 DOCUMENT_PATH = "/openapi"
 UI_PATH = "/docs"
 UI_ASSETS = "/docs/static"
 
 _JSON = "application/json"
+STATUSES = list(get_args(Status))
+# A field's messages or, for a nested field (webhook.url, an item of an array param), the same
+# shape one level down, as marshmallow reports it.
+DETAILS_VALUE = {
+    "anyOf": [
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "object", "additionalProperties": True},
+    ]
+}
 _NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -40,7 +51,7 @@ class ErrorSchema(Schema):
     error = fields.String(required=True, metadata={"description": "One readable sentence."})
     details = fields.Dict(
         keys=fields.String(),
-        values=fields.List(fields.String()),
+        values=fields.Raw(),  # DETAILS_VALUE in the document
         metadata={"description": "Field (or input param) name -> messages, where fields fail."},
     )
 
@@ -80,12 +91,15 @@ class SlotsSchema(Schema):
 class HealthSchema(Schema):
     """GET /health: `status` for anyone, the rest with either key."""
 
-    status = fields.String(required=True, metadata={"enum": ["ready", "maintenance", "draining"]})
+    status = fields.String(required=True, metadata={"enum": STATUSES})
     group = fields.String()
     contract = fields.Integer()
     websocketPort = fields.Integer()  # the Andera load balancer's field name
     functions = fields.List(fields.Dict(), metadata={"description": '[{"name", "params"}]'})
-    services = fields.List(fields.Raw())
+    services = fields.List(
+        fields.Dict(),
+        metadata={"description": '[{"name", "state": up | down | restarting, "status"}]'},
+    )
     tags = fields.Dict()
     slots = fields.Nested(SlotsSchema)
     system = fields.Dict(metadata={"description": "uptime, cpuLoad, usedMemoryPercent"})
@@ -98,6 +112,12 @@ class HealthSchema(Schema):
             "evicted (closed without a request head to make room), refused"
         }
     )
+
+
+class ReadySchema(Schema):
+    """GET /ready."""
+
+    status = fields.String(required=True, metadata={"enum": STATUSES})
 
 
 class LogsSchema(Schema):
@@ -214,13 +234,12 @@ def _task_operation(inputs: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _toggle(status: str, message: str) -> dict[str, Any]:
+def _toggle(message: str) -> dict[str, Any]:
     responses: dict[str, Any] = {
         "200": _json(StatusSchema, message),
         "401": _UNAUTHORIZED,
+        "409": _error("Draining for shutdown: nothing changed."),
     }
-    if status == "ready":
-        responses["409"] = _error("Draining for shutdown.")
     return {"summary": message, "security": _OPERATOR, "responses": responses}
 
 
@@ -236,6 +255,25 @@ def operations(inputs: dict[str, str]) -> dict[str, dict[str, dict[str, Any]]]:
                 "responses": {"200": _json(HealthSchema, "Always 200.")},
             }
         },
+        "/ready": {
+            "get": {
+                "summary": "May this worker be sent tasks? (for plain load balancers)",
+                "description": (
+                    "No key, no body parsing. 200 while new tasks are taken; 503 with the "
+                    "reason (maintenance, draining, starting, degraded) otherwise."
+                ),
+                "security": [],
+                "responses": {
+                    "200": _json(ReadySchema, "Ready: send tasks."),
+                    "503": {
+                        **_json(ReadySchema, "Not ready: send tasks elsewhere."),
+                        "headers": {
+                            "Retry-After": {"description": "Seconds.", "schema": {"type": "string"}}
+                        },
+                    },
+                },
+            }
+        },
         "/logs": {
             "get": {
                 "summary": "Recent log lines, or follow new ones",
@@ -245,7 +283,7 @@ def operations(inputs: dict[str, str]) -> dict[str, dict[str, dict[str, Any]]]:
                         "name": "lines",
                         "in": "query",
                         "description": "Only the last N lines.",
-                        "schema": {"type": "integer", "minimum": 0},
+                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_LINES},
                     },
                     {
                         "name": "follow",
@@ -267,8 +305,8 @@ def operations(inputs: dict[str, str]) -> dict[str, dict[str, dict[str, Any]]]:
                 },
             }
         },
-        "/off": {"post": _toggle("maintenance", "Maintenance mode enabled")},
-        "/on": {"post": _toggle("ready", "Maintenance mode disabled")},
+        "/off": {"post": _toggle("Maintenance mode enabled")},
+        "/on": {"post": _toggle("Maintenance mode disabled")},
         DOCUMENT_PATH: {
             "get": {
                 "summary": "This document",
@@ -360,6 +398,8 @@ def build_document(registry: Registry) -> dict[str, Any]:
         for path, operation in operations(inputs).items():
             spec.path(path=path, operations=operation)
         document: dict[str, Any] = spec.to_dict()
+    details = document["components"]["schemas"]["Error"]["properties"]["details"]
+    details["additionalProperties"] = DETAILS_VALUE
     return document
 
 

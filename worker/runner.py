@@ -26,6 +26,7 @@ class RunResult:
     attempts: int = 1
     overrun: concurrent.futures.Future[Any] | None = None
     reason: Reason | None = None
+    failure: BaseException | None = None  # what the function raised, for the log's traceback
 
 
 def _error_text(exc: BaseException) -> str:
@@ -76,6 +77,7 @@ class Runner(Part):
                     attempt,
                     result.overrun,
                     result.reason,
+                    result.failure,
                 )
             ctx.log.warning("attempt failed, retrying", attempt=attempt, error=result.error)
 
@@ -104,7 +106,7 @@ class Runner(Part):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            return RunResult(Outcome.FAILED, error=_error_text(exc))
+            return RunResult(Outcome.FAILED, error=_error_text(exc), failure=exc)
         return RunResult(Outcome.SUCCEEDED, value=value)
 
     @staticmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import resource
 import socket
@@ -19,12 +20,15 @@ from typing import Any, cast
 
 import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
 from yarl import URL
 
 from worker.config import Config
 from worker.parts import Part
 
 _log = structlog.get_logger("worker.server")
+_access = structlog.get_logger("worker.access")
 
 # aiohttp's default of 128 drops SYNs when a load balancer opens hundreds of connections at
 # once, and a dropped SYN is retried only a second later (the kernel caps it at somaxconn).
@@ -270,6 +274,10 @@ class HttpServer(Part):
         self._edge: Edge | None = None
         self.addresses: list[str] = []
 
+    def apply(self, new: Config) -> None:
+        # `logging.access` applies to connections opened from now on.
+        self._config = new
+
     async def start(self) -> None:
         http = self._config.http
         bound = connection_bound(http.max_connections)
@@ -283,7 +291,8 @@ class HttpServer(Part):
         runner = web.AppRunner(
             self._app,
             handler_cancellation=True,
-            access_log=None,
+            access_log=logging.getLogger("worker.access"),
+            access_log_class=self._access_log_class(),
             shutdown_timeout=SHUTDOWN_TIMEOUT,
             # aiohttp's default (3630 s) kept idle connections, and their file descriptors, for
             # an hour. Its timer runs while the connection waits for a complete request head,
@@ -315,3 +324,27 @@ class HttpServer(Part):
 
     def health(self) -> dict[str, Any]:
         return {"http": self._edge.health()} if self._edge is not None else {}
+
+    def _access_log_class(self) -> type[AbstractAccessLogger]:
+        server = self
+
+        class AccessLog(AbstractAccessLogger):
+            """One line per request when `logging.access` is on; aiohttp asks `enabled` once
+            per connection, so with it off a request costs nothing here."""
+
+            @property
+            def enabled(self) -> bool:
+                return server._config.logging.access
+
+            def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+                _access.info(
+                    "request",
+                    method=request.method,
+                    path=request.path,
+                    status=response.status,
+                    bytes=response.body_length,
+                    duration_ms=round(time * 1000, 2),
+                    peer=request.remote,
+                )
+
+        return AccessLog

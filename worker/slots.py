@@ -19,11 +19,18 @@ from worker.config import Config
 from worker.errors import Unavailable
 from worker.parts import Part
 
-Status = Literal["ready", "maintenance", "draining"]
+# What the worker says about itself to /health, /ready, systemd and the load balancers: "may I
+# send you work". Each condition but ready is held (or not) on its own; the status is the
+# first held in this order.
+Condition = Literal["draining", "starting", "maintenance", "degraded"]
+Status = Literal["ready", "draining", "starting", "maintenance", "degraded"]
+PRECEDENCE: tuple[Condition, ...] = ("draining", "starting", "maintenance", "degraded")
 Subscriber = Callable[["SlotState"], None]
 REFUSALS: dict[Status, str] = {
-    "maintenance": "Worker is in maintenance mode",
     "draining": "Worker is draining for shutdown",
+    "starting": "Worker is starting",
+    "maintenance": "Worker is in maintenance mode",
+    "degraded": "Worker is degraded: a required service is down",
 }
 
 
@@ -107,10 +114,12 @@ class SlotManager(Part):
 
     name = "slots"
 
-    def __init__(self, limit: int, max_queue: int, status: Status = "ready") -> None:
+    def __init__(self, limit: int, max_queue: int) -> None:
         self._limit = limit
         self._max_queue = max_queue
-        self._status: Status = status
+        self._held: set[Condition] = set()
+        self._status: Status = "ready"
+        self._grace = False  # draining, yet still taking tasks (worker.drain_grace)
         self._used = 0
         self._queued = 0
         self._heap: list[Admission] = []
@@ -131,10 +140,25 @@ class SlotManager(Part):
         self._subscribers.append(subscriber)
         return lambda: self._subscribers.remove(subscriber)
 
-    def set_status(self, status: Status) -> None:
+    @property
+    def accepting(self) -> bool:
+        """True while new tasks are taken: when ready, and during a drain's grace period."""
+        return self._status == "ready" or (self._grace and self._status == "draining")
+
+    def hold(self, condition: Condition, on: bool = True) -> None:
+        """Hold (or lift) one condition; the status is the first held in PRECEDENCE."""
+        if on:
+            self._held.add(condition)
+        else:
+            self._held.discard(condition)
+        status: Status = next((c for c in PRECEDENCE if c in self._held), "ready")
         if status != self._status:
             self._status = status
             self._changed()
+
+    def set_grace(self, on: bool) -> None:
+        """While draining, keep taking tasks (a balancer that polls /ready routes for a while)."""
+        self._grace = on
 
     def set_max_queue(self, max_queue: int) -> None:
         self._max_queue = max_queue
@@ -153,7 +177,7 @@ class SlotManager(Part):
 
     def admit(self, priority: int) -> Admission:
         """Take a place for a new task, or refuse it with the 503 the client should get."""
-        if self._status != "ready":
+        if not self.accepting:
             raise Unavailable(REFUSALS[self._status])
         admission = Admission(self, priority, next(self._seq))
         if self._used < self._limit and self._queued == 0:

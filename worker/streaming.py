@@ -93,11 +93,10 @@ class StreamAnswer:
     def _hang_up(self) -> BaseException:
         """Cancel the task whose client left; the writer in its own task is cancelled directly
         (cancelling the running task from inside would only land at its next await)."""
-        task = self.job.task if self.job is not None else None
         gone = Reason.CLIENT_GONE_STREAMING
-        if task is None or task is asyncio.current_task():
+        if self.job is None or self.job.task is asyncio.current_task():
             return asyncio.CancelledError(gone)
-        task.cancel(gone)
+        self.job.cancel(gone)
         return ConnectionResetError(gone.value)
 
     async def finish(self, result: TaskResult) -> web.StreamResponse:
@@ -152,6 +151,6 @@ class StreamMode:
             result = await job.result()
         except asyncio.CancelledError:
             # The client left (handler cancelled): unlike sync, a stream stops with its client.
-            job.task.cancel(Reason.CLIENT_GONE_STREAMING)
+            job.cancel(Reason.CLIENT_GONE_STREAMING)
             raise
         return await stream.finish(result)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import reprlib
 import time
+import traceback
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import structlog
@@ -24,6 +27,9 @@ from worker.runner import Runner, RunResult
 from worker.slots import Admission, Lease, SlotManager
 
 _log = structlog.get_logger("worker.tasks")
+# A result in the debug log: bounded in depth and size, whatever the function returned.
+_RESULT_REPR = reprlib.Repr()
+_RESULT_REPR.maxstring, _RESULT_REPR.maxother, _RESULT_REPR.maxlist = 200, 100, 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,18 +66,25 @@ class TaskResult:
 class Job:
     """One accepted task in flight; `running` turns true when it holds a slot."""
 
-    __slots__ = ("admission", "running", "spec", "task")
+    __slots__ = ("admission", "reason", "running", "spec", "task")
 
     def __init__(self, spec: TaskSpec, admission: Admission) -> None:
         self.spec = spec
         self.admission = admission
         self.running = False
+        self.reason: Reason | None = None  # why it was cancelled, once it was
         self.task: asyncio.Task[TaskResult]
+
+    def cancel(self, reason: Reason) -> None:
+        """Cancel the task, keeping why: asyncio hands the reason to its first reader only."""
+        if self.reason is None:
+            self.reason = reason
+        self.task.cancel(reason)
 
     def abandon(self) -> None:
         """The client left: a queued task leaves the queue; a running one runs to completion."""
         if not self.running:
-            self.task.cancel(Reason.CLIENT_GONE_QUEUED)
+            self.cancel(Reason.CLIENT_GONE_QUEUED)
 
     async def result(self) -> TaskResult:
         """Wait for the outcome on behalf of the client; if the client goes, abandon the task."""
@@ -86,11 +99,7 @@ class Job:
 
     def cancel_reason(self) -> Reason:
         """Why a job cancelled before its first step was cancelled."""
-        try:
-            self.task.result()
-        except asyncio.CancelledError as exc:
-            return reason_of(exc)
-        return Reason.SHUTDOWN
+        return self.reason if self.reason is not None else Reason.SHUTDOWN
 
     def finished(self) -> TaskResult:
         """The outcome of a job that is done, also one cancelled before it ever ran."""
@@ -109,9 +118,12 @@ class Job:
 class Dispatcher:
     """Owns every accepted task until it has an outcome."""
 
-    def __init__(self, slots: SlotManager, runner: Runner) -> None:
+    def __init__(
+        self, slots: SlotManager, runner: Runner, services: Mapping[str, Any] | None = None
+    ) -> None:
         self.slots = slots
         self.runner = runner
+        self.services = MappingProxyType(services if services is not None else {})
         self.counts: Counter[Outcome] = Counter()
         self._jobs: set[Job] = set()
         self._all_done = asyncio.Event()
@@ -155,13 +167,15 @@ class Dispatcher:
     def cancel_all(self, reason: Reason = Reason.SHUTDOWN) -> int:
         """Cancel every task still queued or running; returns how many were cancelled."""
         for job in self._jobs:
-            job.task.cancel(reason)
+            job.cancel(reason)
         return len(self._jobs)
 
     async def _run(self, job: Job, stream: StreamWriter | None) -> TaskResult:
         spec = job.spec
         log = _log.bind(task_id=spec.task_id, function=spec.function.name)
-        ctx = TaskContext(spec.task_id, spec.function.name, spec.priority, spec.mode, stream, log)
+        ctx = TaskContext(
+            spec.task_id, spec.function.name, spec.priority, spec.mode, stream, log, self.services
+        )
         accepted = time.monotonic()
         started: float | None = None
         lease: Lease | None = None
@@ -172,7 +186,7 @@ class Dispatcher:
             started = time.monotonic()
             result = await self.runner.run(spec.function, spec.params, ctx)
         except asyncio.CancelledError as exc:
-            reason = reason_of(exc)
+            reason = job.reason if job.reason is not None else reason_of(exc)
             result = RunResult(Outcome.CANCELLED, error=reason.value, reason=reason)
         finally:
             if lease is not None:
@@ -210,10 +224,13 @@ class Dispatcher:
             fields["attempts"] = result.attempts
         if result.outcome is not Outcome.SUCCEEDED:
             fields["error"] = result.error
+        if result.failure is not None:
+            # One field of the same event: journald and JSON readers keep it with its task.
+            fields["traceback"] = "".join(traceback.format_exception(result.failure)).rstrip()
         log.log(verdict(result.outcome, result.reason).level, "task", **fields)
         if (
             result.outcome is Outcome.SUCCEEDED
             and spec.function.log_result
             and log.is_enabled_for(logging.DEBUG)
         ):
-            log.debug("task result", result=repr(result.value)[:500])
+            log.debug("task result", result=_RESULT_REPR.repr(result.value)[:500])

@@ -141,6 +141,22 @@ async def nan_result(params: dict[str, Any], ctx: Any) -> float:
     return float("nan")
 
 
+@function(params={"depth": {"type": "number", "default": 5000}})
+async def deep_result(params: dict[str, Any], ctx: Any) -> list[Any]:
+    """A result nested deeper than any JSON encoder goes."""
+    nested: list[Any] = []
+    for _ in range(int(params["depth"])):
+        nested = [nested]
+    return nested
+
+
+@function(streaming=True)
+async def stream_infinity(params: dict[str, Any], ctx: Any) -> AsyncIterator[Any]:
+    """A first chunk, then one that JSON cannot hold."""
+    yield "first\n"
+    yield {"v": float("inf")}
+
+
 # Mode stream and the logs (tests/test_streaming.py, tests/test_logtail.py).
 PROGRESS: dict[str, int] = {}
 
