@@ -10,6 +10,7 @@ from worker.errors import (
     Conflict,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthorized,
     Unavailable,
     WorkerError,
@@ -24,6 +25,7 @@ from worker.errors import (
         (Unauthorized, 401, {"WWW-Authenticate": "Bearer"}),
         (NotFound, 404, {}),
         (Conflict, 409, {}),
+        (RequestTimeout, 408, {}),
         (PayloadTooLarge, 413, {}),
         (Unavailable, 503, {"Retry-After": "5"}),
     ],
@@ -46,3 +48,13 @@ def test_the_body_is_the_error_and_its_details_when_there_are_any() -> None:
         "error": "Invalid task request",
         "details": details,
     }
+
+
+def test_only_a_body_timeout_closes_the_connection() -> None:
+    """The middleware closes the connection after answering an error that says so."""
+    assert RequestTimeout.closes_connection
+    assert not any(
+        e.closes_connection
+        for e in (WorkerError, BadRequest, Unauthorized, NotFound, Conflict, PayloadTooLarge)
+    )
+    assert not Unavailable.closes_connection
