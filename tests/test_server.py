@@ -279,15 +279,17 @@ def is_closed(sock: socket.socket) -> bool:
         return True
 
 
-async def health_answers(daemon: Daemon, within: float = 15.0) -> dict[str, Any]:
-    """The detailed /health, asked on a new connection each time until it answers."""
+async def health_answers(
+    daemon: Daemon, within: float = 15.0, path: str = "/health"
+) -> dict[str, Any]:
+    """The detailed /health (or `path`), asked on a new connection each time until it answers."""
     deadline = time.monotonic() + within
     connector = aiohttp.TCPConnector(force_close=True)
     timeout = aiohttp.ClientTimeout(total=2)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         while True:
             try:
-                url = f"{daemon.url}/health"
+                url = f"{daemon.url}{path}"
                 async with session.get(url, headers={"Authorization": AUTH_KEY}) as resp:
                     body: dict[str, Any] = await resp.json()
                     return body
@@ -331,6 +333,7 @@ async def test_idle_flood_at_hard_limit_1024_pushes_out_the_oldest(
         assert body["http"]["maxConnections"] == bound
         assert body["http"]["connections"] <= bound
         assert body["http"]["evicted"] >= FLOOD - bound
+        assert await health_answers(daemon, path="/ready") == {"status": "ready"}
         # The oldest idle connections made room, the newest are still open.
         deadline = time.monotonic() + CLOSE_DEADLINE
         while not is_closed(flood[0]):
