@@ -44,6 +44,7 @@ FLOORS: dict[str, int] = {
     "lb_server": 6,
     "lb_client": 6,
     "services": 6,
+    "metrics": 6,
     "streaming": 7,
     "webhooks": 7,
     "openapi": 7,

@@ -17,6 +17,7 @@ from worker.errors import PayloadTooLarge, Unauthorized, Unavailable, WorkerErro
 from worker.functions import Registry
 from worker.logs import LogBuffer, Throttle
 from worker.maintenance import Maintenance
+from worker.metrics import Metrics
 from worker.parts import Part
 from worker.responses import RETRY_AFTER, json_response
 from worker.slots import REFUSALS, SlotManager
@@ -32,24 +33,32 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REFUSED_LOG = web.AppKey("refused_log", Throttle)  # refused credentials, per remote address
 
 
+METRICS = web.AppKey("metrics", Metrics)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error becomes `{"success": false, "error": ...}` with its status and headers; a
-    refused credential is logged with the remote address, at most a line a second each."""
+    refused credential is logged with the remote address, at most a line a second each. Every
+    answer is counted for /metrics."""
     try:
-        return await handler(request)
+        response = await handler(request)
     except WorkerError as exc:
         if isinstance(exc, Unauthorized):
             _log_refusal(request.app[REFUSED_LOG], request, exc.message)
-        return json_response(exc.body(), exc.status, dict(exc.headers))
+        response = json_response(exc.body(), exc.status, dict(exc.headers))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        return json_response({"success": False, "error": exc.reason}, exc.status, headers)
+        response = json_response({"success": False, "error": exc.reason}, exc.status, headers)
     except Exception:
         _log.exception("internal error", path=request.path)
-        return json_response({"success": False, "error": "Internal error"}, 500)
+        response = json_response({"success": False, "error": "Internal error"}, 500)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    request.app[METRICS].request_answered(route, response.status)
+    return response
 
 
 def _log_refusal(refusals: Throttle, request: web.Request, reason: str) -> None:
@@ -88,6 +97,7 @@ class Api(Part):
         answers: Mapping[Mode, Answer],
         maintenance: Maintenance,
         logs: LogBuffer,
+        metrics: Metrics,
         sections: Callable[[], dict[str, Any]],
     ) -> None:
         self._config = config
@@ -96,6 +106,7 @@ class Api(Part):
         self._answers = answers
         self._maintenance = maintenance
         self._logs = logs
+        self._metrics = metrics
         self._sections = sections  # the parts' own sections of the detailed /health
 
     def apply(self, new: Config) -> None:
@@ -108,9 +119,11 @@ class Api(Part):
             client_max_size=self._config.http.max_body_size,
         )
         app[REFUSED_LOG] = Throttle()
+        app[METRICS] = self._metrics
         app.router.add_post("/task", self.post_task)
         app.router.add_get("/health", self.get_health)
         app.router.add_get("/ready", self.get_ready)
+        app.router.add_get("/metrics", self.get_metrics)
         app.router.add_get("/logs", self.get_logs)
         app.router.add_post("/off", self.post_off)
         app.router.add_post("/on", self.post_on)
@@ -153,6 +166,15 @@ class Api(Part):
         if status == "ready":
             return json_response({"status": status})
         return json_response({"status": status}, 503, {"Retry-After": RETRY_AFTER})
+
+    async def get_metrics(self, request: web.Request) -> web.Response:
+        """Prometheus: either key in Authorization (`Bearer ` as Prometheus sends it)."""
+        if not auth.sees_details(request.headers, self._config.auth):
+            raise Unauthorized("Missing or invalid credentials")
+        body, content_type = self._metrics.render(request.headers.get("Accept"))
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
+        return response
 
     async def get_logs(self, request: web.Request) -> web.StreamResponse:
         auth.require_any(request.headers, self._config.auth)
