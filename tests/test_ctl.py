@@ -242,6 +242,69 @@ async def test_a_stopped_worker_is_exit_4_naming_the_address(tmp_path: Path) -> 
         assert result.code == 4, result
         assert f"cannot reach the worker at http://127.0.0.1:{port}" in result.err, result.err
         assert str(path) in result.err
+    hidden = f"http://operator:a-url-password@127.0.0.1:{port}"
+    result = await ctl_run("--url", hidden, "status", environ=env(BASE_WORKER_KEY=AUTH_KEY))
+    assert result.code == 4 and f"127.0.0.1:{port}" in result.err, result
+    assert "a-url-password" not in result.err
+
+
+@pytest.fixture
+async def flaky_worker() -> AsyncIterator[tuple[str, list[str]]]:
+    """A fake worker whose log stream ends after one line, then answers 502 twice (a proxy in
+    front of a restarting worker), then streams again; records each follow's `lines`."""
+    asked: list[str] = []
+
+    async def logs(request: web.Request) -> web.StreamResponse:
+        asked.append(request.query.get("lines", ""))
+        if len(asked) in (2, 3):
+            return web.json_response({"success": False, "error": "Bad Gateway"}, status=502)
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(f"line {len(asked)}\n".encode())
+        return response
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ready", "slots": {}, "system": {"uptime": 1e6}})
+
+    app = web.Application()
+    app.router.add_get("/logs", logs)
+    app.router.add_get("/health", health)
+    server = TestServer(app, host="127.0.0.1", port=unused_port())
+    await server.start_server()
+    try:
+        yield str(server.make_url("")), asked
+    finally:
+        await server.close()
+
+
+async def test_logs_follow_reconnects_through_a_proxy_error(
+    flaky_worker: tuple[str, list[str]],
+) -> None:
+    url, asked = flaky_worker
+    follower = await asyncio.create_subprocess_exec(
+        *CTL,
+        "--url",
+        url,
+        "logs",
+        "-f",
+        cwd=ROOT,
+        env=env(BASE_WORKER_KEY=AUTH_KEY),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = Lines(follower.stdout), Lines(follower.stderr)
+    try:
+        await out.wait_for(lambda line: line == "line 4")
+        assert out.lines[:2] == ["line 1", "line 4"]
+        assert err.lines[:2] == ["-- connection lost, reconnecting --", "-- reconnected --"]
+        # 10 lines at first, like tail -f; none again from the same process (its uptime says so).
+        assert asked[:4] == ["10", "0", "0", "0"]
+        follower.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(follower.wait(), 10) == 0
+    finally:
+        if follower.returncode is None:
+            follower.kill()
+            await follower.wait()
 
 
 async def test_url_with_the_key_in_the_environment(daemon: Daemon) -> None:

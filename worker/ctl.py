@@ -45,10 +45,11 @@ ALL_LINES = 999_999_999  # the largest `lines=N` the daemon takes
 class CtlError(Exception):
     """A failure to report in one line on stderr, with the exit code that says what it was."""
 
-    def __init__(self, message: str, code: int = ERROR) -> None:
+    def __init__(self, message: str, code: int = ERROR, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.status = status  # the HTTP status, when the worker (or a proxy) refused
 
 
 class Unreachable(CtlError):
@@ -67,7 +68,7 @@ class Target:
     source: str
 
     def __str__(self) -> str:
-        return str(self.url)
+        return str(self.url.with_user(None))
 
 
 def target_from_config(cfg: Config, path: Path | None) -> Target:
@@ -91,7 +92,9 @@ def target_from_url(text: str, environ: Mapping[str, str]) -> Target:
     key = environ.get(KEY_VARIABLE, "")
     if not key:
         raise CtlError(f"--url needs the worker's AUTH_KEY in ${KEY_VARIABLE}", USAGE)
-    return Target(url.with_query(None).with_fragment(None), key, "address from --url")
+    # Credentials in the URL are neither sent (the key goes in Authorization) nor printed.
+    bare = url.with_user(None).with_query(None).with_fragment(None)
+    return Target(bare, key, "address from --url")
 
 
 def _reason(exc: BaseException) -> str:
@@ -120,7 +123,7 @@ class Client:
         target = self.target
         return Unreachable(f"cannot reach the worker at {target} ({target.source}): {_reason(exc)}")
 
-    async def call(self, method: str, path: str, body: Any = None, **query: str) -> Any:
+    async def call(self, method: str, path: str, body: Any = None, **query: str) -> dict[str, Any]:
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT)
         url = self._url(path)
         try:
@@ -138,9 +141,9 @@ class Client:
         except ValueError:
             answer = None
         if status >= 400:
-            raise CtlError(_refusal(method, url.path, status, reason, answer))
-        if answer is None:
-            raise CtlError(f"{method} {url.path} answered {status} with a body that is not JSON")
+            raise CtlError(_refusal(method, url.path, status, reason, answer), status=status)
+        if not isinstance(answer, dict):
+            raise CtlError(f"{method} {url.path} answered {status} without a JSON object")
         return answer
 
     @asynccontextmanager
@@ -159,7 +162,8 @@ class Client:
                     answer = json.loads(text)
                 except ValueError:
                     answer = None
-                raise CtlError(_refusal("GET", url.path, resp.status, resp.reason or "", answer))
+                refusal = _refusal("GET", url.path, resp.status, resp.reason or "", answer)
+                raise CtlError(refusal, status=resp.status)
             yield resp
 
 
@@ -355,10 +359,10 @@ class Io:
 
 async def status(client: Client, io: Io, as_json: bool) -> int:
     health = await client.call("GET", "/health")
-    if not isinstance(health, dict) or "slots" not in health:
+    if "slots" not in health:
         raise CtlError(
             f"the worker at {client.target} did not accept the key: /health answered only "
-            f"its public view (status {health.get('status') if isinstance(health, dict) else '?'})"
+            f"its public view (status {health.get('status', '?')})"
         )
     if as_json:
         io.json(health)
@@ -401,7 +405,7 @@ async def _missed_lines(client: Client, lost_at: float) -> int:
     """How many kept lines to ask for when following again: all of them if the worker restarted
     since the connection was lost (each of its lines is new), none if it is the same process."""
     health = await client.call("GET", "/health")
-    uptime = health.get("system", {}).get("uptime") if isinstance(health, dict) else None
+    uptime = health.get("system", {}).get("uptime")
     restarted = isinstance(uptime, int | float) and uptime < time.time() - lost_at
     return ALL_LINES if restarted else 0
 
@@ -423,6 +427,10 @@ async def follow(client: Client, io: Io, backlog: int) -> int:
                     io.print(line)
         except Unreachable:
             if not connected_once:
+                raise
+        except CtlError as exc:
+            # A proxy in front of a restarting worker answers 502 or 503 for a while.
+            if not connected_once or exc.status is None or exc.status < 500:
                 raise
         except (aiohttp.ClientError, ConnectionError, TimeoutError):
             pass  # cut off while streaming: reconnect below
