@@ -503,6 +503,31 @@ async def test_completion_names_every_command() -> None:
 # The pieces, in process.
 
 
+def test_the_daemon_does_not_import_the_client_nor_the_client_the_daemon() -> None:
+    probe = (
+        "import sys, worker.cli; loaded = 'worker.ctl' in sys.modules; import worker.ctl; "
+        "print(loaded, sorted(m for m in sys.modules if m in ('worker.http', 'worker.lifecycle')))"
+    )
+    answer = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert answer.stdout.split("\n")[0] == "False []", answer
+
+
+async def test_a_key_no_header_can_carry_is_an_error_that_does_not_show_it(
+    dead_letter_worker: tuple[str, list[Any]],
+) -> None:
+    key = "first-half-of-the-key\nsecond-half-of-the-key"
+    target = ctl.target_from_url(dead_letter_worker[0], {"BASE_WORKER_KEY": key})
+    async with aiohttp.ClientSession() as session:
+        client = ctl.Client(target, session)
+        for ask in (client.call("GET", "/deadletters"), client.stream("/deadletters").__aenter__()):
+            with pytest.raises(ctl.CtlError) as refused:
+                await ask
+            assert refused.value.code == ctl.ERROR, refused.value
+            assert "half-of-the-key" not in refused.value.message
+
+
 def test_the_address_of_a_wildcard_listener_is_the_loopback() -> None:
     for host, url in (("0.0.0.0", "http://127.0.0.1:3100"), ("::", "http://[::1]:3100")):
         target = ctl.target_from_config(make_config(http={"host": host, "port": 3100}), None)

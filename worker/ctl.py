@@ -88,8 +88,8 @@ def target_from_url(text: str, environ: Mapping[str, str]) -> Target:
     except ValueError:
         url = URL()
     if url.scheme not in ("http", "https") or not url.host:
-        raise CtlError(f"--url must be an http:// or https:// URL, not {text!r}", USAGE)
-    key = environ.get(KEY_VARIABLE, "")
+        raise CtlError("--url must be an http:// or https:// URL with a host", USAGE)
+    key = environ.get(KEY_VARIABLE, "").strip()  # as the daemon strips what it is offered
     if not key:
         raise CtlError(f"--url needs the worker's AUTH_KEY in ${KEY_VARIABLE}", USAGE)
     # Credentials in the URL are neither sent (the key goes in Authorization) nor printed.
@@ -136,6 +136,8 @@ class Client:
             raise self.unreachable(exc) from None
         except aiohttp.ClientError as exc:
             raise CtlError(f"{method} {url.path} failed: {_reason(exc)}") from None
+        except ValueError:  # aiohttp's message may quote the header, that is the key
+            raise CtlError(_UNSENDABLE) from None
         try:
             answer = json.loads(text)
         except ValueError:
@@ -155,6 +157,8 @@ class Client:
             resp = await self._session.get(url, params=query, headers=self._auth, timeout=timeout)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise self.unreachable(exc) from None
+        except ValueError:
+            raise CtlError(_UNSENDABLE) from None
         async with resp:
             if resp.status >= 400:
                 text = await resp.text(errors="replace")
@@ -165,6 +169,9 @@ class Client:
                 refusal = _refusal("GET", url.path, resp.status, resp.reason or "", answer)
                 raise CtlError(refusal, status=resp.status)
             yield resp
+
+
+_UNSENDABLE = "the key holds a character an HTTP header cannot carry (a line break?)"
 
 
 def _refusal(method: str, path: str, status: int, reason: str, answer: Any) -> str:
