@@ -118,6 +118,23 @@ async def test_status_for_people_and_for_scripts(daemon: Daemon) -> None:
     assert health["version"] == __version__ and "functions" in health
 
 
+async def test_the_config_is_found_as_the_daemon_finds_it(daemon: Daemon, tmp_path: Path) -> None:
+    config = str(daemon.config_path)
+    result = await ctl_run("status", environ=env(BASE_WORKER_CONFIG=config))
+    assert result.code == 0, result
+    program = [sys.executable, "-m", "worker", "--config", config, "ctl", "status"]
+    answer = await asyncio.to_thread(
+        subprocess.run, program, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=30
+    )
+    assert answer.returncode == 0, answer.stderr  # the daemon's own --config, before `ctl`
+    # The environment overrides the file, as for the daemon: the file's port is wrong here.
+    elsewhere = tmp_path / "elsewhere.toml"
+    elsewhere.write_text(daemon.config_path.read_text().replace(str(daemon.port), "9"))
+    assert (await ctl_run("--config", str(elsewhere), "status")).code == 4
+    result = await ctl_run("--config", str(elsewhere), "status", environ=env(PORT=str(daemon.port)))
+    assert result.code == 0, result
+
+
 async def test_off_makes_status_exit_3_until_on(daemon: Daemon) -> None:
     config = ("--config", str(daemon.config_path))
     result = await ctl_run(*config, "off")
