@@ -294,6 +294,33 @@ async def flaky_worker() -> AsyncIterator[tuple[str, list[str]]]:
         await server.close()
 
 
+async def test_logs_follow_ends_quietly_when_its_reader_goes(
+    flaky_worker: tuple[str, list[str]],
+) -> None:
+    url, _ = flaky_worker
+
+    def follow_into_head() -> tuple[int, str]:
+        with subprocess.Popen(
+            [*CTL, "--url", url, "logs", "-f"],
+            cwd=ROOT,
+            env=env(BASE_WORKER_KEY=AUTH_KEY),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        ) as process:
+            assert process.stdout is not None and process.stderr is not None
+            try:
+                assert process.stdout.readline() == b"line 1\n"
+                process.stdout.close()  # as `| head -1` does
+                return process.wait(timeout=20), process.stderr.read().decode()
+            finally:
+                if process.poll() is None:
+                    process.kill()
+
+    code, err = await asyncio.to_thread(follow_into_head)
+    assert code == 0, err
+    assert "Traceback" not in err
+
+
 async def test_logs_follow_reconnects_through_a_proxy_error(
     flaky_worker: tuple[str, list[str]],
 ) -> None:

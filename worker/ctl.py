@@ -432,6 +432,8 @@ async def follow(client: Client, io: Io, backlog: int) -> int:
                 lost_at, delay, connected_once = None, RECONNECT_FIRST, True
                 async for line in _lines(resp):
                     io.print(line)
+        except BrokenPipeError:
+            raise  # our reader left (`| head`), not the worker
         except Unreachable:
             if not connected_once:
                 raise
