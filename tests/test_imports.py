@@ -50,6 +50,7 @@ FLOORS: dict[str, int] = {
     "openapi": 7,
     "http": 8,
     "lifecycle": 9,
+    "ctl": 9,  # the operator client: config and the HTTP API from outside, never the daemon
     "cli": 10,
     "__main__": 11,
 }
