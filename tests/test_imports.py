@@ -44,11 +44,13 @@ FLOORS: dict[str, int] = {
     "lb_server": 6,
     "lb_client": 6,
     "services": 6,
+    "metrics": 6,
     "streaming": 7,
     "webhooks": 7,
     "openapi": 7,
     "http": 8,
     "lifecycle": 9,
+    "ctl": 9,  # the operator client: config and the HTTP API from outside, never the daemon
     "cli": 10,
     "__main__": 11,
 }

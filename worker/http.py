@@ -24,6 +24,7 @@ from worker.errors import (
 from worker.functions import Registry
 from worker.logs import LogBuffer, Throttle
 from worker.maintenance import Maintenance
+from worker.metrics import Metrics
 from worker.parts import Part
 from worker.responses import RETRY_AFTER, json_response
 from worker.slots import REFUSALS, SlotManager
@@ -39,27 +40,34 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REFUSED_LOG = web.AppKey("refused_log", Throttle)  # refused credentials, per remote address
 
 
+METRICS = web.AppKey("metrics", Metrics)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error becomes `{"success": false, "error": ...}` with its status and headers; a
-    refused credential is logged with the remote address, at most a line a second each."""
+    refused credential is logged with the remote address, at most a line a second each. Every
+    answer is counted for /metrics."""
     try:
-        return await handler(request)
+        response = await handler(request)
     except WorkerError as exc:
         if isinstance(exc, Unauthorized):
             _log_refusal(request.app[REFUSED_LOG], request, exc.message)
         response = json_response(exc.body(), exc.status, dict(exc.headers))
         if exc.closes_connection:
-            return await _answer_and_close(request, response)
-        return response
+            await _answer_and_close(request, response)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        return json_response({"success": False, "error": exc.reason}, exc.status, headers)
+        response = json_response({"success": False, "error": exc.reason}, exc.status, headers)
     except Exception:
         _log.exception("internal error", path=request.path)
-        return json_response({"success": False, "error": "Internal error"}, 500)
+        response = json_response({"success": False, "error": "Internal error"}, 500)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    request.app[METRICS].request_answered(route, response.status)
+    return response
 
 
 def _log_refusal(refusals: Throttle, request: web.Request, reason: str) -> None:
@@ -75,7 +83,7 @@ def _log_refusal(refusals: Throttle, request: web.Request, reason: str) -> None:
         )
 
 
-async def _answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+async def _answer_and_close(request: web.Request, response: web.Response) -> None:
     """Send `response` with `Connection: close`, then close at once: aiohttp would otherwise
     keep reading the rest of a body (lingering) for up to 10 s more."""
     response.force_close()
@@ -83,7 +91,6 @@ async def _answer_and_close(request: web.Request, response: web.Response) -> web
     await response.write_eof()
     if request.transport is not None:
         request.transport.close()  # what was written is sent first
-    return response
 
 
 async def _read_body(request: web.Request, limit: int, body_timeout: float) -> bytes:
@@ -113,6 +120,7 @@ class Api(Part):
         answers: Mapping[Mode, Answer],
         maintenance: Maintenance,
         logs: LogBuffer,
+        metrics: Metrics,
         sections: Callable[[], dict[str, Any]],
     ) -> None:
         self._config = config
@@ -121,6 +129,7 @@ class Api(Part):
         self._answers = answers
         self._maintenance = maintenance
         self._logs = logs
+        self._metrics = metrics
         self._sections = sections  # the parts' own sections of the detailed /health
 
     def apply(self, new: Config) -> None:
@@ -133,9 +142,11 @@ class Api(Part):
             client_max_size=self._config.http.max_body_size,
         )
         app[REFUSED_LOG] = Throttle()
+        app[METRICS] = self._metrics
         app.router.add_post("/task", self.post_task)
         app.router.add_get("/health", self.get_health)
         app.router.add_get("/ready", self.get_ready)
+        app.router.add_get("/metrics", self.get_metrics)
         app.router.add_get("/logs", self.get_logs)
         app.router.add_post("/off", self.post_off)
         app.router.add_post("/on", self.post_on)
@@ -179,6 +190,15 @@ class Api(Part):
         if status == "ready":
             return json_response({"status": status})
         return json_response({"status": status}, 503, {"Retry-After": RETRY_AFTER})
+
+    async def get_metrics(self, request: web.Request) -> web.Response:
+        """Prometheus: either key in Authorization (`Bearer ` as Prometheus sends it)."""
+        if not auth.sees_details(request.headers, self._config.auth):
+            raise Unauthorized("Missing or invalid credentials")
+        body, content_type = self._metrics.render(request.headers.get("Accept"))
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
+        return response
 
     async def get_logs(self, request: web.Request) -> web.StreamResponse:
         auth.require_any(request.headers, self._config.auth)

@@ -34,6 +34,7 @@ from worker.lb_client import OutboundClient
 from worker.lb_server import InboundServer
 from worker.logs import LogBuffer, Logging
 from worker.maintenance import Maintenance
+from worker.metrics import Metrics
 from worker.notify import Notifier, StatusLine, Watchdog
 from worker.outcomes import Outcome
 from worker.parts import (
@@ -77,6 +78,7 @@ class Worker:
     app: web.Application
     status_line: StatusLine
     services: Services
+    metrics: Metrics
     watchdog: Watchdog
     inbound: InboundServer
     outbound: OutboundClient
@@ -106,6 +108,7 @@ class Worker:
             self.watchdog,  # pings from the first moment to the last
             self.runner,  # the thread pool
             self.slots,
+            self.metrics,
             self.deliveries,
             self.maintenance,
             self.api,
@@ -131,7 +134,14 @@ def build(
     slots.hold("starting")  # until every part is up
     runner = Runner(cfg.worker.default_timeout)
     services = Services(registry.services, slots, notifier, cfg)
-    dispatcher = Dispatcher(slots, runner, services.values)
+    metrics = Metrics(
+        slots,
+        links=lambda: health_of([worker.outbound, worker.inbound]).get("loadBalancer", {}),
+        services=services.describe,
+        pending_deliveries=lambda: worker.deliveries.pending,
+        dead_letters=lambda: 0,  # no journal of dead letters yet
+    )
+    dispatcher = Dispatcher(slots, runner, services.values, metrics.task_ended)
     deliveries = Deliveries(cfg.webhook)
     maintenance = Maintenance(slots, cfg.worker.state_dir)
     answers: dict[Mode, Answer] = {
@@ -146,6 +156,7 @@ def build(
         answers,
         maintenance,
         logging.buffer,
+        metrics,
         sections=lambda: health_of(worker.parts),
     )
     app = api.app()
@@ -161,6 +172,7 @@ def build(
         app=app,
         status_line=StatusLine(notifier, slots),
         services=services,
+        metrics=metrics,
         watchdog=Watchdog(notifier),
         inbound=InboundServer(slots, cfg, services.describe),
         outbound=OutboundClient(slots, registry, cfg, services.describe),

@@ -274,6 +274,24 @@ def operations(inputs: dict[str, str]) -> dict[str, dict[str, dict[str, Any]]]:
                 },
             }
         },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "description": (
+                    "The text exposition format (OpenMetrics when the scraper asks for it): "
+                    "tasks, durations, queue wait, slots, status, webhook deliveries, load "
+                    "balancer links, services, HTTP requests, process and Python figures."
+                ),
+                "security": [{"authKey": []}, {"lbAuthKey": []}],
+                "responses": {
+                    "200": {
+                        "description": "The metrics.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "401": _UNAUTHORIZED,
+                },
+            }
+        },
         "/logs": {
             "get": {
                 "summary": "Recent log lines, or follow new ones",

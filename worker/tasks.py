@@ -13,7 +13,7 @@ import reprlib
 import time
 import traceback
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -119,11 +119,17 @@ class Dispatcher:
     """Owns every accepted task until it has an outcome."""
 
     def __init__(
-        self, slots: SlotManager, runner: Runner, services: Mapping[str, Any] | None = None
+        self,
+        slots: SlotManager,
+        runner: Runner,
+        services: Mapping[str, Any] | None = None,
+        on_outcome: Callable[[TaskSpec, TaskResult], None] | None = None,
     ) -> None:
         self.slots = slots
         self.runner = runner
         self.services = MappingProxyType(services if services is not None else {})
+        # Told of every outcome, right after the summary line (the metrics).
+        self.on_outcome = on_outcome
         self.counts: Counter[Outcome] = Counter()
         self._jobs: set[Job] = set()
         self._all_done = asyncio.Event()
@@ -156,6 +162,8 @@ class Dispatcher:
                 outcome=Outcome.CANCELLED.value,
                 error=f"{reason.value} (before start)",
             )
+            if self.on_outcome is not None:
+                self.on_outcome(job.spec, job.finished())
         self._jobs.discard(job)
         if not self._jobs:
             self._all_done.set()
@@ -199,7 +207,7 @@ class Dispatcher:
         run_time = ended - started if started is not None else 0.0
         self.counts[result.outcome] += 1
         self._log_summary(log, spec, result, queue_wait, run_time)
-        return TaskResult(
+        ended_as = TaskResult(
             spec.task_id,
             result.outcome,
             result.value,
@@ -208,6 +216,9 @@ class Dispatcher:
             run_time,
             result.reason,
         )
+        if self.on_outcome is not None:
+            self.on_outcome(spec, ended_as)
+        return ended_as
 
     @staticmethod
     def _log_summary(
