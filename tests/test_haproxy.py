@@ -47,6 +47,7 @@ class Fleet:
         self.ports = ports
         self.generation = 0
         self.daemons: list[Daemon | None] = [None] * len(ports)
+        self.every: list[Daemon] = []  # this generation and those before, to clean up
 
     async def start(self, index: int) -> Daemon:
         self.generation += 1
@@ -57,15 +58,15 @@ class Fleet:
             http={"port": self.ports[index]},
             worker={"drain_grace": DRAIN_GRACE, "slots": 4},
         )
+        self.every.append(daemon)
         await daemon.start()
         await daemon.wait_ready()
         self.daemons[index] = daemon
         return daemon
 
     async def stop_all(self) -> None:
-        for daemon in self.daemons:
-            if daemon is not None:
-                await daemon.stop()
+        for daemon in self.every:
+            await daemon.stop()
 
 
 @pytest.fixture
