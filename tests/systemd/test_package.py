@@ -9,6 +9,7 @@ with its python3, on its loopback.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import re
 import subprocess
@@ -17,6 +18,7 @@ import tomllib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +79,10 @@ def bump_version(tree: Path) -> None:
     init.write_text(init.read_text().replace(f'"{__version__}"', f'"{NEWER}"'))
     changelog = tree / "packaging/debian/changelog"
     old = changelog.read_text()
-    trailer = next(line for line in old.splitlines() if line.startswith(" -- "))
-    entry = f"base-worker ({NEWER}-1) bookworm; urgency=medium\n\n  * Test build.\n\n{trailer}\n\n"
+    maintainer = next(line for line in old.splitlines() if line.startswith(" -- ")).split("  ")[0]
+    now = email.utils.format_datetime(datetime.now(UTC).replace(microsecond=0))
+    entry = f"base-worker ({NEWER}-1) bookworm; urgency=medium\n\n  * Test build.\n\n"
+    entry += f"{maintainer}  {now}\n\n"
     changelog.write_text(entry + old)
     config = tree / "packaging/config.toml"
     config.write_text(config.read_text() + "# changed in the newer build\n")
