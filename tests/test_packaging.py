@@ -39,6 +39,13 @@ def test_debian_changelog_version_is_the_program_version() -> None:
     assert match["upstream"] == __version__
 
 
+def test_every_lintian_override_gives_its_reason() -> None:
+    lines = (ROOT / "packaging/debian/base-worker.lintian-overrides").read_text().splitlines()
+    for before, line in zip(["", *lines], lines, strict=False):
+        if line.strip() and not line.startswith("#"):
+            assert before.startswith("#"), f"no reason above: {line}"
+
+
 def manpage() -> ModuleType:
     # By path: a top-level `packaging` would be the PyPI library of that name.
     spec = importlib.util.spec_from_file_location("manpage", ROOT / "packaging/manpage.py")

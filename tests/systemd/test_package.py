@@ -264,7 +264,18 @@ def test_upgrade_drains_tasks_and_keeps_keys_and_config(server: Server) -> None:
     assert "changed in the newer build" in server.box.run("cat", f"{CONFIG}.dpkg-dist").stdout
 
 
+def test_remove_stops_the_service_and_keeps_config_and_keys(server: Server) -> None:
+    keys = server.box.run("cat", KEYS).stdout
+    server.box.run(*APT, "remove", "base-worker", timeout=300)
+    assert server.show("ActiveState")["ActiveState"] == "inactive"
+    assert server.box.run("cat", KEYS).stdout == keys
+    server.box.run("test", "-f", CONFIG)
+    server.box.run("test", "!", "-e", "/opt/base-worker/bin/base-worker")
+
+
 def test_purge_leaves_nothing(server: Server) -> None:
+    # dpkg still lists what a removed package keeps (its conffiles); purge takes the rest too.
+    server.box.run(*APT, "install", f"/mnt/new/{server.packages.new.name}", timeout=300)
     owned = server.box.run("dpkg-query", "-L", "base-worker").stdout.split("\n")
     server.box.run(*APT, "purge", "base-worker", timeout=300)
     assert server.box.run("dpkg-query", "-L", "base-worker", check=False).returncode != 0
