@@ -26,8 +26,13 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
 
+# The first run, as root, installs Debian packages and builds a Debian 12 container root for
+# tests/systemd (debootstrap, a few minutes, cached under /var/tmp); later runs reuse both.
 test: lint
+	@echo "make test: the first run installs missing Debian packages (.ci/system-deps) and builds"
+	@echo "make test: a Debian 12 container root for tests/systemd (debootstrap, minutes, cached)"
 	bash .ci/system-deps
+	$(BIN)/python -m tests.systemd.nspawn
 	$(BIN)/python -m pytest
 
 # Benchmarks (docs/performance.md): base-worker against a bare aiohttp baseline, on loopback
