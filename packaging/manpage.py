@@ -39,7 +39,7 @@ def options(parser: argparse.ArgumentParser) -> Iterator[str]:
         if action.option_strings:
             names = ", ".join(f"\\fB{roff(name)}\\fR" for name in action.option_strings)
             if action.nargs != 0:
-                metavar = action.metavar or action.dest.rsplit(".", 1)[-1].upper()
+                metavar = action.metavar or action.dest.upper()  # as argparse shows it
                 names += f" \\fI{roff(str(metavar))}\\fR"
         else:
             names = f"\\fI{roff(str(action.metavar or action.dest))}\\fR"
@@ -53,7 +53,7 @@ def page(parser: argparse.ArgumentParser, date: str) -> str:
         ".SH NAME",
         f"base\\-worker \\- {roff(parser.description or '')}",
         ".SH SYNOPSIS",
-        f"\\fBbase\\-worker\\fR {roff(parser.format_usage().split(' ', 2)[2].strip())}",
+        f"\\fBbase\\-worker\\fR {roff(' '.join(parser.format_usage().split()[2:]))}",
         ".SH DESCRIPTION",
         "Serves until stopped. Without \\fB\\-\\-config\\fR it reads \\fI$BASE_WORKER_CONFIG\\fR,"
         " else \\fI/etc/base\\-worker/config.toml\\fR if it exists, else built\\-in defaults"
