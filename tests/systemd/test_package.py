@@ -172,6 +172,12 @@ def test_make_deb_from_a_clean_clone_is_lintian_clean(packages: Packages) -> Non
     grep = ["grep", "-rl", str(packages.clone / "build"), str(tree)]
     found = subprocess.run(grep, capture_output=True, text=True, timeout=120, check=False)
     assert found.stdout == ""
+    # The venv runs on Debian's python3, whatever interpreter the build machine put first on PATH.
+    venv = tree / "opt/base-worker"
+    assert (venv / "bin/python3").readlink() == Path("/usr/bin/python3")
+    cfg = dict(line.split(" = ", 1) for line in (venv / "pyvenv.cfg").read_text().splitlines())
+    assert cfg["home"] == "/usr/bin"
+    assert cfg["command"] == "/usr/bin/python3 -m venv /opt/base-worker"
 
 
 def test_every_dependency_is_a_debian_package(server: Server) -> None:
@@ -262,6 +268,18 @@ def test_upgrade_drains_tasks_and_keeps_keys_and_config(server: Server) -> None:
     assert server.sh(f"stat -c '%U:%G %a' {KEYS}; sha256sum {KEYS}") == keys_before
     assert server.box.run("cat", CONFIG).stdout == edited
     assert "changed in the newer build" in server.box.run("cat", f"{CONFIG}.dpkg-dist").stdout
+
+
+def test_roll_back_to_the_older_build(server: Server) -> None:
+    keys = server.box.run("cat", KEYS).stdout
+    config = server.box.run("cat", CONFIG).stdout
+    confold = ("-o", "Dpkg::Options::=--force-confold", "--allow-downgrades")
+    server.box.run(*APT, *confold, "install", f"/mnt/old/{server.packages.old.name}", timeout=300)
+    assert server.installed_version() == server.packages.old.name.split("_")[1]
+    assert server.show("ActiveState")["ActiveState"] == "active", server.journal()
+    assert server.health()["version"] == __version__
+    assert server.box.run("cat", KEYS).stdout == keys
+    assert server.box.run("cat", CONFIG).stdout == config
 
 
 def test_remove_stops_the_service_and_keeps_config_and_keys(server: Server) -> None:
