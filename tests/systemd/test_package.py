@@ -40,6 +40,8 @@ CONFIG = "/etc/base-worker/config.toml"
 KEYS = "/etc/base-worker/keys.toml"
 FUNCTIONS_DIR = "/etc/base-worker/functions"
 APT = ("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "--yes", "--quiet")
+# An admin's edited config.toml against a changed packaged one: keep the admin's, unasked.
+KEEP_CONFIG = ("-o", "Dpkg::Options::=--force-confold")
 
 # One request from inside the container: argv = method, path, key, body; prints [status, body].
 CLIENT = """\
@@ -251,8 +253,7 @@ def test_upgrade_drains_tasks_and_keeps_keys_and_config(server: Server) -> None:
         started = time.monotonic()
         upgrade = server.box.run(
             *APT,
-            "-o",
-            "Dpkg::Options::=--force-confold",
+            *KEEP_CONFIG,
             "install",
             f"/mnt/new/{server.packages.new.name}",
             timeout=300,
@@ -273,8 +274,8 @@ def test_upgrade_drains_tasks_and_keeps_keys_and_config(server: Server) -> None:
 def test_roll_back_to_the_older_build(server: Server) -> None:
     keys = server.box.run("cat", KEYS).stdout
     config = server.box.run("cat", CONFIG).stdout
-    confold = ("-o", "Dpkg::Options::=--force-confold", "--allow-downgrades")
-    server.box.run(*APT, *confold, "install", f"/mnt/old/{server.packages.old.name}", timeout=300)
+    old = f"/mnt/old/{server.packages.old.name}"
+    server.box.run(*APT, *KEEP_CONFIG, "--allow-downgrades", "install", old, timeout=300)
     assert server.installed_version() == server.packages.old.name.split("_")[1]
     assert server.show("ActiveState")["ActiveState"] == "active", server.journal()
     assert server.health()["version"] == __version__
@@ -293,7 +294,8 @@ def test_remove_stops_the_service_and_keeps_config_and_keys(server: Server) -> N
 
 def test_purge_leaves_nothing(server: Server) -> None:
     # dpkg still lists what a removed package keeps (its conffiles); purge takes the rest too.
-    server.box.run(*APT, "install", f"/mnt/new/{server.packages.new.name}", timeout=300)
+    new = f"/mnt/new/{server.packages.new.name}"
+    server.box.run(*APT, *KEEP_CONFIG, "install", new, timeout=300)
     owned = server.box.run("dpkg-query", "-L", "base-worker").stdout.split("\n")
     server.box.run(*APT, "purge", "base-worker", timeout=300)
     assert server.box.run("dpkg-query", "-L", "base-worker", check=False).returncode != 0
