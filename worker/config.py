@@ -86,6 +86,8 @@ class HttpSection:
 class AuthSection:
     auth_key: str = option("", env="AUTH_KEY", secret=True)
     lb_auth_key: str = option("", env="LB_AUTH_KEY", secret=True)
+    # A path, not a secret: the keys it holds override auth_key and lb_auth_key of the file.
+    keys_file: str = option("", help="TOML file holding auth_key and lb_auth_key")
 
 
 @dataclass(frozen=True)
@@ -288,6 +290,35 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
 
+KEYS_FILE_KEYS = ("auth_key", "lb_auth_key")
+
+
+def _with_keys_file(file_values: dict[str, Any], config_path: Path | None) -> dict[str, Any]:
+    """The file's values with `auth.keys_file`'s keys laid over `[auth]`; a relative path is
+    relative to the config file. Errors name the file and the key, never a value."""
+    auth = file_values.get("auth", {})
+    name = auth.get("keys_file", "")
+    if not isinstance(name, str) or not name:
+        return file_values  # not a string: the declared option's check reports it
+    path = Path(name)
+    if not path.is_absolute() and config_path is not None:
+        path = config_path.parent / path
+    try:
+        with path.open("rb") as handle:
+            keys = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"auth.keys_file: cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"auth.keys_file: {path} is not valid TOML: {exc}") from None
+    for key, value in keys.items():
+        if key not in KEYS_FILE_KEYS:
+            allowed = ", ".join(KEYS_FILE_KEYS)
+            raise ConfigError(f"auth.keys_file: unknown key {key} in {path} (allowed: {allowed})")
+        if not isinstance(value, str):
+            raise ConfigError(f"auth.keys_file: {key} in {path} must be a string")
+    return {**file_values, "auth": {**auth, **keys}}
+
+
 def default_path(environ: Mapping[str, str]) -> Path | None:
     """The config file used without --config: $BASE_WORKER_CONFIG, else the system path if any."""
     if environ.get("BASE_WORKER_CONFIG"):
@@ -310,6 +341,7 @@ def load(
             raise ConfigError(f"unknown section [{section}] (known: {', '.join(sorted(known))})")
         if not isinstance(table, dict):
             raise ConfigError(f"{section} must be a table ([{section}])")
+    file_values = _with_keys_file(file_values, path)
 
     chosen: dict[str, dict[str, Any]] = {section: {} for section in known}
     declared: dict[str, set[str]] = {section: set() for section in known}
