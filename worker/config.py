@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from worker.errors import ConfigError
+from worker.targets import header_problems
 
 DEFAULT_PATH = Path("/etc/base-worker/config.toml")
 # Keys that config.example.toml ships with; a daemon using them warns loudly at startup.
@@ -334,6 +335,9 @@ def _check_whole(config: Config) -> None:
         raise ConfigError("auth.auth_key is required (set AUTH_KEY or [auth] auth_key)")
     if not config.worker.functions:
         raise ConfigError("worker.functions must name at least one module, file or directory")
+    problems = header_problems(config.webhook.headers)
+    if problems:
+        raise ConfigError(f"webhook.headers: {' '.join(problems)}")
     for name in ("url", "advertise_url"):
         value = getattr(config.load_balancer, name)
         if value and not re.match(r"^(wss?|https?)://", value):

@@ -6,12 +6,21 @@ import os
 import re
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import (
+    EXCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    validate,
+    validates,
+    validates_schema,
+)
 
 from worker import jsoncodec
 from worker.errors import BadRequest, NotFound
 from worker.functions import Registry
 from worker.params import validate_input
+from worker.targets import header_problems
 from worker.tasks import TaskSpec, WebhookTarget
 
 MAX_PRIORITY = 2097152
@@ -27,6 +36,12 @@ class WebhookSchema(Schema):
 
     url = fields.Url(required=True, schemes={"http", "https"}, require_tld=False)
     headers = fields.Dict(keys=fields.String(), values=fields.String(), load_default=dict)
+
+    @validates("headers")
+    def _headers_are_safe(self, headers: dict[str, str], **kwargs: Any) -> None:
+        problems = header_problems(headers)
+        if problems:
+            raise ValidationError(problems)
 
 
 class TaskEnvelopeSchema(Schema):
