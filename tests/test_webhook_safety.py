@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+import structlog
 
-from tests.conftest import AUTH, Worker, make_config, task
-from tests.test_webhooks import Start, receiver, webhook_config
+from tests.conftest import AUTH, Worker, make_config, task, wait_for
+from tests.test_webhooks import Start, health, receiver, webhook_config
 from worker.errors import ConfigError
 
 StartWorker = Callable[..., Awaitable[Worker]]
@@ -119,3 +121,63 @@ def test_configured_headers_obey_the_same_rules(headers: dict[str, str]) -> None
 def test_allowed_headers_pass_config_and_validation() -> None:
     cfg = make_config(webhook={"headers": {"Authorization": "Bearer x", "X-Api-Key": "k"}})
     assert dict(cfg.webhook.headers) == {"Authorization": "Bearer x", "X-Api-Key": "k"}
+
+
+async def deliver_one(client: Any, runtime: Any, hook: Any, body: dict[str, Any]) -> Any:
+    """Submit one webhook task and wait until it is delivered or given up."""
+    before = runtime.deliveries.delivered + runtime.deliveries.failed
+    status, answer = await post(client, {**body, "mode": "webhook", "webhook": {"url": hook.url}})
+    assert status == 202, answer
+    await wait_for(lambda: runtime.deliveries.delivered + runtime.deliveries.failed > before)
+    return answer["task_id"]
+
+
+@pytest.mark.parametrize(
+    ("function", "params", "cause"),
+    [
+        ("deep_result", {"depth": 1000}, "nested too deeply"),
+        ("deep_result", {"depth": 50000}, "nested too deeply"),
+        ("nan_result", {}, "NaN or Infinity"),
+        ("infinite_result", {}, "NaN or Infinity"),
+        ("infinite_result", {"sign": -1}, "NaN or Infinity"),
+        ("not_json", {}, "not JSON serializable"),
+        ("unreadable_result", {}, "cannot read this result"),
+    ],
+)
+async def test_a_result_that_is_not_json_is_delivered_as_a_failure(
+    worker_app: StartWorker, receiver: Start, function: str, params: dict[str, Any], cause: str
+) -> None:
+    hook = await receiver([])
+    client, runtime = await worker_app(webhook=webhook_config(max_retries=0))
+    with structlog.testing.capture_logs() as logged:
+        task_id = await deliver_one(client, runtime, hook, task(function, input=params))
+    assert len(hook.calls) == 1
+    delivered = json.loads(hook.calls[0].body)  # valid JSON: no NaN, no Infinity
+    assert delivered["task_id"] == task_id and delivered["success"] is False
+    assert "result" not in delivered
+    assert cause.lower() in delivered["error"].lower()
+    assert (await health(client))["webhooks"] == {"pending": 0, "delivered": 1, "failed": 0}
+    assert [line["event"] for line in logged if line["event"] == "webhook delivered"] == [
+        "webhook delivered"
+    ]
+    # The task's own summary line too (its debug view of the result is bounded).
+    assert [line["outcome"] for line in logged if line["event"] == "task"] == ["succeeded"]
+
+
+async def test_a_result_over_max_result_bytes_is_delivered_as_a_failure(
+    worker_app: StartWorker, receiver: Start
+) -> None:
+    hook = await receiver([])
+    client, runtime = await worker_app(webhook=webhook_config(max_result_bytes=1000))
+    await deliver_one(client, runtime, hook, task("sized_result", input={"size": 800}))
+    await deliver_one(client, runtime, hook, task("sized_result", input={"size": 1001}))
+    small, large = (json.loads(call.body) for call in hook.calls)
+    assert small["success"] is True and small["result"] == "x" * 800
+    assert large["success"] is False and "result" not in large
+    assert "webhook.max_result_bytes" in large["error"] and "1000" in large["error"]
+    assert len(hook.calls[1].body) < 1000
+
+
+def test_max_result_bytes_defaults_to_10_mib_and_takes_sizes() -> None:
+    assert make_config().webhook.max_result_bytes == 10 * 1024 * 1024
+    assert make_config(webhook={"max_result_bytes": "1mb"}).webhook.max_result_bytes == 1024**2

@@ -100,6 +100,9 @@ class WebhookSection:
     retry_delay: float = option(1.0, env="WEBHOOK_RETRY_DELAY", unit="ms", minimum=0)
     headers: Mapping[str, str] = option({}, env="WEBHOOK_HEADERS", unit="json", secret=True)
     secret: str = option("", secret=True)
+    max_result_bytes: int = option(
+        10 * 1024 * 1024, env="WEBHOOK_MAX_RESULT_BYTES", unit="size", minimum=1
+    )
 
 
 @dataclass(frozen=True)

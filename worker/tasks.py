@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import reprlib
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -24,6 +25,10 @@ from worker.runner import Runner, RunResult
 from worker.slots import Admission, Lease, SlotManager
 
 _log = structlog.get_logger("worker.tasks")
+# The debug line's view of a result: bounded in depth and length, so a result nested thousands
+# deep or megabytes long costs little and cannot raise RecursionError while being logged.
+_RESULT_REPR = reprlib.Repr()
+_RESULT_REPR.maxstring = _RESULT_REPR.maxother = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,4 +221,4 @@ class Dispatcher:
             and spec.function.log_result
             and log.is_enabled_for(logging.DEBUG)
         ):
-            log.debug("task result", result=repr(result.value)[:500])
+            log.debug("task result", result=_RESULT_REPR.repr(result.value)[:500])

@@ -46,16 +46,30 @@ class Attempt:
     retry_after: float = 0.0
 
 
-def payload(spec: TaskSpec, result: TaskResult) -> bytes:
-    """The body POSTed for a finished task, exactly as signed and sent."""
+def payload(spec: TaskSpec, result: TaskResult, limit: int) -> bytes:
+    """The body POSTed for a finished task, exactly as signed and sent: the result, or why it
+    cannot be delivered (not JSON, or larger than `limit` bytes once encoded)."""
     body: dict[str, Any] = {"task_id": spec.task_id, "function": spec.function.name}
     if result.outcome is Outcome.SUCCEEDED:
         try:
-            return dumps_result({**body, "success": True, "result": result.value}).encode()
+            encoded = dumps_result({**body, "success": True, "result": result.value}).encode()
         except NotJSON as exc:
             error = str(exc)
+        else:
+            if len(encoded) <= limit:
+                return encoded
+            error = (
+                f"Function result is larger than webhook.max_result_bytes ({limit} bytes): "
+                f"{len(encoded)} bytes encoded"
+            )
     else:
         error = result.error or result.outcome.value
+    return failure(spec, error)
+
+
+def failure(spec: TaskSpec, error: str) -> bytes:
+    """The body of a task whose result is not delivered, saying why."""
+    body = {"task_id": spec.task_id, "function": spec.function.name}
     return json.dumps({**body, "success": False, "error": error}).encode()
 
 
@@ -146,7 +160,7 @@ class Deliveries(Part):
 
     def follow(self, job: Job) -> None:
         """Deliver the job's result as soon as its function ends."""
-        job.task.add_done_callback(lambda _: self._start(job.spec, job.finished()))
+        job.task.add_done_callback(lambda _: self._start(job))
 
     def abandon(self) -> int:
         """Cancel every pending delivery; returns how many results were left undelivered."""
@@ -159,8 +173,14 @@ class Deliveries(Part):
         """Return once no delivery is pending."""
         await self._idle.wait()
 
-    def _start(self, spec: TaskSpec, result: TaskResult) -> None:
-        delivery = asyncio.get_running_loop().create_task(self._deliver(spec, result))
+    def _start(self, job: Job) -> None:
+        # Encoded here, once: from now on only the bytes are kept, not the result's value.
+        spec = job.spec
+        try:
+            body = payload(spec, job.finished(), self._settings.max_result_bytes)
+        except Exception as exc:  # a bug must not lose the task: deliver the failure instead
+            body = failure(spec, f"internal error: {type(exc).__name__}")
+        delivery = asyncio.get_running_loop().create_task(self._deliver(spec, body))
         self._pending.add(delivery)
         self._idle.clear()
         delivery.add_done_callback(self._forget)
@@ -170,11 +190,10 @@ class Deliveries(Part):
         if not self._pending:
             self._idle.set()
 
-    async def _deliver(self, spec: TaskSpec, result: TaskResult) -> None:
+    async def _deliver(self, spec: TaskSpec, body: bytes) -> None:
         assert spec.webhook is not None
         settings = self._settings
         url = spec.webhook.url
-        body = payload(spec, result)
         headers = request_headers(spec, body, settings)
         attempts = 1 + settings.max_retries
         log = _log.bind(task_id=spec.task_id, function=spec.function.name, target=_target(url))
@@ -204,6 +223,10 @@ class Deliveries(Part):
             self.failed += 1
             log.warning("webhook undelivered", attempts=attempt, error=STOPPING)
             raise
+        except Exception as exc:  # whatever happens, the task ends counted and logged
+            self.failed += 1
+            log.error("webhook undelivered", attempts=attempt, error=_internal(exc))
+            return
         self.failed += 1
         log.warning("webhook undelivered", attempts=attempt, error=outcome.error)
 
@@ -233,6 +256,11 @@ class Deliveries(Part):
             return Attempt(True, False, status)
         retry = status in (408, 429) or status >= 500
         return Attempt(False, retry, status, f"HTTP {status}", retry_after)
+
+
+def _internal(exc: Exception) -> str:
+    # Only the type: the text of an exception raised while sending may quote the URL.
+    return f"internal error: {type(exc).__name__}"
 
 
 def _now() -> float:
