@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import structlog
+from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.test_utils import TestServer
 
-from tests.conftest import AUTH, Worker, make_config, task, wait_for
+from tests.conftest import AUTH, AUTH_KEY, Worker, make_config, task, wait_for
+from tests.daemon import Daemon, poll, post_task
+from tests.daemon import health as daemon_health
 from tests.test_webhooks import Start, health, receiver, webhook_config
 from worker.errors import ConfigError
+from worker.targets import TargetPolicy, TargetRefused
+from worker.webhooks import PolicyResolver
 
 StartWorker = Callable[..., Awaitable[Worker]]
 __all__ = ["receiver"]  # the fixture, shared with tests/test_webhooks.py
@@ -181,3 +191,192 @@ async def test_a_result_over_max_result_bytes_is_delivered_as_a_failure(
 def test_max_result_bytes_defaults_to_10_mib_and_takes_sizes() -> None:
     assert make_config().webhook.max_result_bytes == 10 * 1024 * 1024
     assert make_config(webhook={"max_result_bytes": "1mb"}).webhook.max_result_bytes == 1024**2
+
+
+@pytest.mark.parametrize(
+    ("url", "settings", "reason"),
+    [
+        ("http://169.254.169.254/latest/meta-data/", {}, "link-local"),
+        ("http://[fe80::1]:8080/", {}, "link-local"),
+        ("http://0.0.0.0:{port}/hook", {}, "unspecified"),
+        ("http://224.0.0.1/", {}, "multicast"),
+        ("http://127.0.0.1:22/", {"deny": ["127.0.0.0/8"]}, "webhook.deny"),
+        ("http://127.0.0.1:{port}/hook", {"allow": ["10.0.0.0/8"]}, "webhook.allow"),
+        ("http://denied.test/hook", {"deny": ["denied.test"]}, "webhook.deny"),
+    ],
+)
+async def test_a_target_refused_at_submit_is_a_400_under_webhook_url(
+    worker_app: StartWorker, receiver: Start, url: str, settings: dict[str, Any], reason: str
+) -> None:
+    hook = await receiver([])
+    assert hook.server is not None
+    client, runtime = await worker_app(webhook=webhook_config(**settings))
+    target = url.format(port=hook.server.port) + "?token=SECRET"
+    body = task("hello", mode="webhook", webhook={"url": target})
+    status, answer = await post(client, body)
+    assert status == 400, answer
+    messages = answer["details"]["webhook"]["url"]
+    assert any(reason in message for message in messages), messages
+    assert "SECRET" not in repr(answer)
+    assert runtime.dispatcher.in_flight == 0 and hook.calls == []
+
+
+async def undelivered_at_once(
+    client: Any, runtime: Any, target: str, reason: str
+) -> list[dict[str, Any]]:
+    with structlog.testing.capture_logs() as logged:
+        status, answer = await post(client, task("hello", mode="webhook", webhook={"url": target}))
+        assert status == 202, answer
+        await wait_for(lambda: runtime.deliveries.failed == 1)
+    undelivered = [line for line in logged if line["event"] == "webhook undelivered"]
+    assert len(undelivered) == 1 and undelivered[0]["attempts"] == 1
+    assert reason in undelivered[0]["error"]
+    assert not [line for line in logged if line["event"] == "webhook attempt failed"][1:]
+    assert (await health(client))["webhooks"]["delivered"] == 0
+    return logged
+
+
+async def test_a_name_that_resolves_to_the_workers_own_port_fails_at_once(
+    worker_app: StartWorker, receiver: Start
+) -> None:
+    hook = await receiver([])
+    assert hook.server is not None
+    # The worker believes the receiver's port is its own HTTP port.
+    client, runtime = await worker_app(webhook=webhook_config(), http={"port": hook.server.port})
+    target = f"http://localhost:{hook.server.port}/hook"
+    await undelivered_at_once(client, runtime, target, "own port")
+    assert hook.calls == []
+
+
+async def test_a_name_that_resolves_to_a_denied_address_fails_at_once(
+    worker_app: StartWorker, receiver: Start
+) -> None:
+    hook = await receiver([])
+    assert hook.server is not None
+    client, runtime = await worker_app(webhook=webhook_config(deny=["127.0.0.0/8", "::1"]))
+    target = f"http://localhost:{hook.server.port}/hook"
+    await undelivered_at_once(client, runtime, target, "webhook.deny")
+    assert hook.calls == []
+
+
+async def test_the_policy_is_checked_again_at_every_attempt(
+    worker_app: StartWorker, receiver: Start
+) -> None:
+    hook = await receiver(["hang"])
+    client, runtime = await worker_app(webhook=webhook_config(timeout=0.5, retry_delay=0.01))
+    status, _ = await post(client, task("hello", mode="webhook", webhook={"url": hook.url}))
+    assert status == 202
+    await wait_for(lambda: len(hook.calls) == 1)
+    runtime.apply(make_config(webhook=webhook_config(deny=["127.0.0.0/8"])))
+    await wait_for(lambda: runtime.deliveries.failed == 1)
+    assert len(hook.calls) == 1
+
+
+async def test_redirects_are_never_followed(
+    worker_app: StartWorker, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    calls: list[str] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        return web.Response(status=307, headers={"Location": "/elsewhere"})
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/redirect", redirect)
+    app.router.add_post("/elsewhere", elsewhere)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    client, runtime = await worker_app(webhook=webhook_config())
+    await undelivered_at_once(client, runtime, str(server.make_url("/redirect")), "HTTP 307")
+    assert calls == ["/redirect"]
+
+
+class FakeDNS(AbstractResolver):
+    """Answers every name with the addresses it was given; records what it was asked."""
+
+    def __init__(self, *addresses: str) -> None:
+        self.addresses = addresses
+        self.asked: list[str] = []
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.asked.append(host)
+        return [
+            ResolveResult(hostname=host, host=a, port=port, family=family, proto=0, flags=0)
+            for a in self.addresses
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_the_resolver_keeps_only_allowed_addresses_and_refuses_when_none_is() -> None:
+    policy = TargetPolicy([], ["192.0.2.7"])
+    mixed = PolicyResolver(lambda: policy, FakeDNS("169.254.169.254", "192.0.2.1", "192.0.2.7"))
+    assert [r["host"] for r in await mixed.resolve("hooks.test", 80)] == ["192.0.2.1"]
+    metadata = PolicyResolver(lambda: policy, FakeDNS("169.254.169.254", "fe80::1%2"))
+    with pytest.raises(TargetRefused, match="link-local"):
+        await metadata.resolve("metadata.test", 80)
+
+
+async def test_a_session_never_connects_to_a_refused_resolved_address() -> None:
+    # The delivery session's wiring, with a fake DNS answering a metadata address: refused
+    # with the reason before any connection is attempted. The socket factory refuses too, so
+    # even a broken policy could not send a packet anywhere.
+    dns = FakeDNS("169.254.169.254")
+    policy = TargetPolicy([], [])
+    sockets: list[Any] = []
+
+    def no_socket(addr_info: Any) -> socket.socket:
+        sockets.append(addr_info)
+        raise OSError("this test opens no socket")
+
+    connector = aiohttp.TCPConnector(
+        resolver=PolicyResolver(lambda: policy, dns),
+        use_dns_cache=False,
+        force_close=True,
+        socket_factory=no_socket,
+    )
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(2):  # every attempt resolves and checks again
+            with pytest.raises(aiohttp.ClientConnectorError) as caught:
+                await session.post("http://metadata.test/latest", data=b"{}")
+            assert isinstance(caught.value.os_error, TargetRefused)
+            assert "link-local" in str(caught.value.os_error)
+    assert dns.asked == ["metadata.test", "metadata.test"]
+    assert sockets == []
+
+
+async def test_the_daemon_cannot_be_told_to_switch_itself_off(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path, webhook={"max_retries": 2, "retry_delay": 0.01})
+    try:
+        await daemon.start()
+        await daemon.wait_ready()
+        async with aiohttp.ClientSession() as session:
+            own = {"Authorization": AUTH_KEY}
+            by_literal = {"url": f"{daemon.url}/off", "headers": own}
+            status, answer = await post_task(
+                session, daemon, task("hello", mode="webhook", webhook=by_literal)
+            )
+            assert status == 400 and "own port" in repr(answer["details"]["webhook"]["url"])
+            by_name = {"url": f"http://localhost:{daemon.port}/off", "headers": own}
+            status, _ = await post_task(
+                session, daemon, task("hello", mode="webhook", webhook=by_name)
+            )
+            assert status == 202
+
+            async def failed() -> bool:
+                return bool((await daemon_health(session, daemon))["webhooks"]["failed"] == 1)
+
+            await poll(failed)
+            assert (await daemon_health(session, daemon))["status"] == "ready"
+    finally:
+        await daemon.stop()
+    undelivered = [json.loads(line) for line in daemon.log_events() if "undelivered" in line]
+    assert len(undelivered) == 1 and "own port" in undelivered[0]["error"]
+    assert undelivered[0]["attempts"] == 1
+    assert not [line for line in daemon.log_events() if "maintenance mode enabled" in line]

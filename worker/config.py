@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from worker.errors import ConfigError
-from worker.targets import header_problems
+from worker.targets import header_problems, parse_entry
 
 DEFAULT_PATH = Path("/etc/base-worker/config.toml")
 # Keys that config.example.toml ships with; a daemon using them warns loudly at startup.
@@ -103,6 +103,9 @@ class WebhookSection:
     max_result_bytes: int = option(
         10 * 1024 * 1024, env="WEBHOOK_MAX_RESULT_BYTES", unit="size", minimum=1
     )
+    # Host names, IP addresses or CIDR networks; empty allow = any target not denied.
+    allow: tuple[str, ...] = option((), env="WEBHOOK_ALLOW", unit="list")
+    deny: tuple[str, ...] = option((), env="WEBHOOK_DENY", unit="list")
 
 
 @dataclass(frozen=True)
@@ -341,6 +344,12 @@ def _check_whole(config: Config) -> None:
     problems = header_problems(config.webhook.headers)
     if problems:
         raise ConfigError(f"webhook.headers: {' '.join(problems)}")
+    for key in ("allow", "deny"):
+        for entry in getattr(config.webhook, key):
+            try:
+                parse_entry(entry)
+            except ValueError as exc:
+                raise ConfigError(f"webhook.{key}: {exc}") from None
     for name in ("url", "advertise_url"):
         value = getattr(config.load_balancer, name)
         if value and not re.match(r"^(wss?|https?)://", value):

@@ -20,7 +20,7 @@ from worker import jsoncodec
 from worker.errors import BadRequest, NotFound
 from worker.functions import Registry
 from worker.params import validate_input
-from worker.targets import header_problems
+from worker.targets import TargetPolicy, header_problems
 from worker.tasks import TaskSpec, WebhookTarget
 
 MAX_PRIORITY = 2097152
@@ -121,14 +121,26 @@ def plain_envelope(body: dict[str, Any]) -> dict[str, Any] | None:
     return envelope
 
 
-def validate_task(body: dict[str, Any], registry: Registry, group: str, contract: int) -> TaskSpec:
-    """Check the envelope, the contract, the group, the function and its input, in that order."""
+def validate_task(
+    body: dict[str, Any],
+    registry: Registry,
+    group: str,
+    contract: int,
+    targets: TargetPolicy | None = None,
+) -> TaskSpec:
+    """Check the envelope, the webhook target against `targets`, the contract, the group, the
+    function and its input, in that order."""
     envelope = plain_envelope(body)
     if envelope is None:
         try:
             envelope = ENVELOPE.load(body)
         except ValidationError as exc:
             raise BadRequest("Invalid task request", details=_details(exc)) from None
+    if "webhook" in envelope and targets is not None:
+        refusal = targets.refusal_of_url(envelope["webhook"]["url"])
+        if refusal is not None:
+            details = {"webhook": {"url": [f"Target refused: {refusal}."]}}
+            raise BadRequest("Invalid task request", details=details)
     if envelope["contract"] != contract:
         raise BadRequest(
             f"Contract version mismatch: requested {envelope['contract']}, worker is {contract}"

@@ -20,6 +20,7 @@ from worker.maintenance import Maintenance
 from worker.parts import Part
 from worker.responses import json_response
 from worker.slots import REFUSALS, SlotManager
+from worker.targets import TargetPolicy
 from worker.tasks import TaskSpec
 
 _log = structlog.get_logger("worker.http")
@@ -71,6 +72,7 @@ class Api(Part):
         maintenance: Maintenance,
         logs: LogBuffer,
         sections: Callable[[], dict[str, Any]],
+        targets: Callable[[], TargetPolicy] | None = None,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -79,6 +81,7 @@ class Api(Part):
         self._maintenance = maintenance
         self._logs = logs
         self._sections = sections  # the parts' own sections of the detailed /health
+        self._targets = targets  # the webhook target policy in force, checked at submit
 
     def apply(self, new: Config) -> None:
         self._config = new
@@ -105,7 +108,10 @@ class Api(Part):
         if status != "ready":
             raise Unavailable(REFUSALS[status])
         body = parse_json(await _read_body(request, config.http.max_body_size))
-        spec = validate_task(body, self._registry, config.worker.group, config.worker.contract)
+        targets = self._targets() if self._targets is not None else None
+        spec = validate_task(
+            body, self._registry, config.worker.group, config.worker.contract, targets
+        )
         return await self._answers[spec.mode](request, spec)
 
     async def get_health(self, request: web.Request) -> web.Response:

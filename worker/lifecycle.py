@@ -81,6 +81,11 @@ class Worker:
     listener: HttpServer
 
     @property
+    def own_ports(self) -> set[int]:
+        """The ports this worker listens on, which no webhook may target on a local address."""
+        return {*self.listener.ports, self.inbound.port}
+
+    @property
     def logs(self) -> LogBuffer:
         return self.logging.buffer
 
@@ -127,7 +132,8 @@ def build(
     slots = SlotManager(cfg.worker.slots, cfg.worker.max_queue)
     runner = Runner(cfg.worker.default_timeout)
     dispatcher = Dispatcher(slots, runner)
-    deliveries = Deliveries(cfg.webhook)
+    ports = {cfg.http.port, cfg.load_balancer.websocket_port}  # until the listeners are up
+    deliveries = Deliveries(cfg.webhook, own_ports=lambda: ports | worker.own_ports)
     maintenance = Maintenance(slots, cfg.worker.state_dir)
     answers: dict[Mode, Answer] = {
         "sync": SyncMode(dispatcher),
@@ -142,6 +148,7 @@ def build(
         maintenance,
         logging.buffer,
         sections=lambda: health_of(worker.parts),
+        targets=deliveries.policy,
     )
     app = api.app()
     worker = Worker(

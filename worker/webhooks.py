@@ -11,14 +11,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import json
+import socket
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -28,6 +33,7 @@ from worker.jsoncodec import NotJSON, dumps_result
 from worker.outcomes import Outcome
 from worker.parts import Part
 from worker.responses import json_response
+from worker.targets import TargetPolicy, TargetRefused
 from worker.tasks import Dispatcher, Job, TaskResult, TaskSpec
 
 _log = structlog.get_logger("worker.webhooks")
@@ -111,14 +117,51 @@ def _target(url: str) -> str:
 STOPPING = "the worker is stopping"
 
 
+class PolicyResolver(AbstractResolver):
+    """The default resolver, keeping only the addresses the target policy allows: the check
+    applies to the very addresses connected to, at every attempt (the DNS cache is off), so
+    a name that resolves elsewhere the second time (DNS rebinding) is checked again."""
+
+    def __init__(
+        self, policy: Callable[[], TargetPolicy], inner: AbstractResolver | None = None
+    ) -> None:
+        self._policy = policy
+        self._inner = inner if inner is not None else DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        policy = self._policy()
+        allowed: list[ResolveResult] = []
+        refusals: list[str] = []
+        for result in found:
+            address = ipaddress.ip_address(result["host"].split("%", 1)[0])
+            refusal = policy.refusal(address, port, host)
+            if refusal is None:
+                allowed.append(result)
+            else:
+                refusals.append(refusal)
+        if not allowed:
+            raise TargetRefused(refusals[0] if refusals else f"{host} has no address")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 class Deliveries(Part):
     """Every webhook result not yet delivered, and the client session that delivers them."""
 
     name = "webhook deliveries"
 
-    def __init__(self, settings: WebhookSection) -> None:
+    def __init__(
+        self, settings: WebhookSection, own_ports: Callable[[], Iterable[int]] = frozenset
+    ) -> None:
         # Read at the start of each delivery, so a reload applies to the next ones.
         self._settings = settings
+        self._own_ports = own_ports
+        self._policy: tuple[Any, TargetPolicy] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -143,8 +186,21 @@ class Deliveries(Part):
     def apply(self, new: Config) -> None:
         self._settings = new.webhook
 
+    def policy(self) -> TargetPolicy:
+        """The target policy in force (it follows reloads and the ports actually bound)."""
+        settings = self._settings
+        key = (settings.allow, settings.deny, frozenset(self._own_ports()))
+        if self._policy is None or self._policy[0] != key:
+            self._policy = (key, TargetPolicy(settings.allow, settings.deny, key[2]))
+        return self._policy[1]
+
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession()
+        # A new connection for every attempt (no pooling) so that every attempt resolves the
+        # name again and checks the address it really connects to.
+        connector = aiohttp.TCPConnector(
+            resolver=PolicyResolver(self.policy), use_dns_cache=False, force_close=True
+        )
+        self._session = aiohttp.ClientSession(connector=connector)
 
     async def stop(self, deadline: float) -> None:
         """Deliver what is pending until `deadline`, give up on the rest (logged as
@@ -201,7 +257,12 @@ class Deliveries(Part):
         try:
             for attempt in range(1, attempts + 1):
                 began = time.monotonic()
-                outcome = await self._post(url, body, headers, settings.timeout)
+                # aiohttp does not call the resolver for an IP literal: check it here.
+                refusal = self.policy().refusal_of_url(url)
+                if refusal is not None:
+                    outcome = Attempt(False, False, error=f"refused: {refusal}")
+                else:
+                    outcome = await self._post(url, body, headers, settings.timeout)
                 fields: dict[str, Any] = {
                     "attempt": attempt,
                     "of": attempts,
@@ -247,6 +308,10 @@ class Deliveries(Part):
                 retry_after = _retry_after(answer.headers.get("Retry-After"))
         except TimeoutError:
             return Attempt(False, True, error=f"no answer within {seconds:g}s")
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, TargetRefused):
+                return Attempt(False, False, error=f"refused: {exc.os_error}")
+            return Attempt(False, True, error=f"{type(exc).__name__}: {exc}")
         except aiohttp.ClientError as exc:
             return Attempt(False, True, error=f"{type(exc).__name__}: {exc}")
         except ValueError:
