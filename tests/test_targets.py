@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import make_config
 from worker.errors import ConfigError
-from worker.targets import TargetPolicy, is_local, loggable
+from worker.targets import TargetPolicy, is_local, loggable, scrub
 
 
 def address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -116,3 +116,12 @@ def test_what_is_logged_of_a_target() -> None:
     assert loggable(url) == "https://hooks.example.org:8443/a/b"
     assert loggable("http://[::1]:8080/x?y") == "http://[::1]:8080/x"
     assert loggable("not a url at all") == "<invalid URL>"
+
+
+def test_scrub_removes_every_trace_of_query_fragment_and_userinfo() -> None:
+    url = "http://user:pw@127.0.0.1:8080/x?token=SECRET#frag"
+    text = f"ClientResponseError: 400, url='{url}' (token=SECRET, user pw, frag)"
+    cleaned = scrub(text, url)
+    assert "http://127.0.0.1:8080/x" in cleaned
+    for word in ("SECRET", "pw", "frag", "token"):
+        assert word not in cleaned

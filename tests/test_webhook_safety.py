@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import Awaitable, Callable
@@ -13,7 +14,7 @@ import pytest
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestServer, unused_port
 
 from tests.conftest import AUTH, AUTH_KEY, Worker, make_config, task, wait_for
 from tests.daemon import Daemon, poll, post_task
@@ -380,3 +381,66 @@ async def test_the_daemon_cannot_be_told_to_switch_itself_off(tmp_path: Path) ->
     assert len(undelivered) == 1 and "own port" in undelivered[0]["error"]
     assert undelivered[0]["attempts"] == 1
     assert not [line for line in daemon.log_events() if "maintenance mode enabled" in line]
+
+
+async def test_no_log_line_holds_a_targets_query_fragment_or_userinfo(
+    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    async def fails(request: web.Request) -> web.Response:
+        return web.Response(status=500, text="receiver failed")
+
+    app = web.Application()
+    app.router.add_post("/hook", fails)
+    server = await aiohttp_server(app, host="127.0.0.1")
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"this is not HTTP\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    not_http = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    not_http_port = not_http.sockets[0].getsockname()[1]
+    daemon = Daemon(
+        tmp_path, webhook={"max_retries": 1, "retry_delay": 0.01}, logging={"level": "debug"}
+    )
+    secret = "user:pw@{where}?token=SECRET#frag"
+    targets = [
+        f"http://{secret.format(where=f'127.0.0.1:{server.port}/hook')}",  # answers 500
+        f"http://{secret.format(where=f'127.0.0.1:{unused_port()}/closed')}",  # nobody there
+        "http://" + secret.format(where="localhost:{port}/off"),  # refused after resolution
+        f"http://{secret.format(where=f'127.0.0.1:{not_http_port}/x')}",  # answers garbage
+        "http://" + secret.format(where="169.254.169.254/latest"),  # refused at submit
+    ]
+    try:
+        await daemon.start()
+        await daemon.wait_ready()
+        async with aiohttp.ClientSession() as session:
+            statuses = []
+            for target in targets:
+                webhook = {"url": target.replace("{port}", str(daemon.port))}
+                status, answer = await post_task(
+                    session, daemon, task("hello", mode="webhook", webhook=webhook)
+                )
+                statuses.append(status)
+                assert "SECRET" not in repr(answer) and "frag" not in repr(answer)
+
+            async def settled() -> bool:
+                return bool((await daemon_health(session, daemon))["webhooks"]["failed"] == 4)
+
+            await poll(settled)
+            async with session.get(
+                f"{daemon.url}/logs", headers={"Authorization": AUTH_KEY}
+            ) as resp:
+                logs = (await resp.json())["logs"]
+    finally:
+        await daemon.stop()
+        not_http.close()
+    assert statuses == [202, 202, 202, 202, 400]
+    undelivered = [line for line in daemon.output if "webhook undelivered" in line]
+    assert len(undelivered) == 4
+    for text in (*daemon.output, *logs):
+        for word in ("SECRET", "pw", "frag", "token"):
+            assert word not in text, text
+    # What is logged of a target: scheme, host, port and path.
+    assert any(f"http://127.0.0.1:{server.port}/hook" in line for line in undelivered)

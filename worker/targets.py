@@ -161,6 +161,32 @@ def loggable(url: str) -> str:
     return f"{parsed.scheme}://{host}{'' if port is None else f':{port}'}{path}"
 
 
+def scrub(text: str, url: str) -> str:
+    """`text` (an exception's message, say) with `url` shown as `loggable(url)` and any trace
+    of its query, fragment or userinfo removed."""
+    shown = loggable(url)
+    try:
+        parsed = URL(url)
+        forms = {url, str(parsed), repr(str(parsed))[1:-1], parsed.human_repr()}
+        secrets = [
+            parsed.raw_query_string,
+            parsed.query_string,
+            parsed.raw_fragment,
+            parsed.fragment,
+            parsed.raw_user or "",
+            parsed.user or "",
+            parsed.raw_password or "",
+            parsed.password or "",
+        ]
+    except (ValueError, TypeError):
+        forms, secrets = {url}, []
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, shown)
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 class TargetPolicy:
     """Which addresses a webhook may connect to: `webhook.allow`, `webhook.deny`, the ranges
     refused unless allowed explicitly, and the worker's own ports on any local address."""

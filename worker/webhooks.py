@@ -25,7 +25,6 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from multidict import CIMultiDict
-from yarl import URL
 
 from worker import __version__
 from worker.config import Config, WebhookSection
@@ -33,7 +32,7 @@ from worker.jsoncodec import NotJSON, dumps_result
 from worker.outcomes import Outcome
 from worker.parts import Part
 from worker.responses import json_response
-from worker.targets import TargetPolicy, TargetRefused
+from worker.targets import TargetPolicy, TargetRefused, loggable, scrub
 from worker.tasks import Dispatcher, Job, TaskResult, TaskSpec
 
 _log = structlog.get_logger("worker.webhooks")
@@ -104,14 +103,6 @@ def _retry_after(value: str | None) -> float:
         return min(max(float(value or 0), 0.0), MAX_RETRY_AFTER)
     except ValueError:
         return 0.0  # an HTTP date: the back-off alone will do
-
-
-def _target(url: str) -> str:
-    # Only the origin is logged: paths and queries of webhook URLs often carry tokens.
-    try:
-        return str(URL(url).origin())
-    except ValueError:
-        return "<invalid URL>"
 
 
 STOPPING = "the worker is stopping"
@@ -252,7 +243,7 @@ class Deliveries(Part):
         url = spec.webhook.url
         headers = request_headers(spec, body, settings)
         attempts = 1 + settings.max_retries
-        log = _log.bind(task_id=spec.task_id, function=spec.function.name, target=_target(url))
+        log = _log.bind(task_id=spec.task_id, function=spec.function.name, target=loggable(url))
         attempt = 0
         try:
             for attempt in range(1, attempts + 1):
@@ -274,7 +265,8 @@ class Deliveries(Part):
                     self.delivered += 1
                     log.info("webhook delivered", attempts=attempt)
                     return
-                log.warning("webhook attempt failed", **fields, error=outcome.error)
+                error = scrub(outcome.error or "", url)  # aiohttp's texts may quote the URL
+                log.warning("webhook attempt failed", **fields, error=error)
                 if not outcome.retry or attempt == attempts:
                     break
                 # The n-th retry waits retry_delay * 2^(n-1), or longer if the receiver asks.
@@ -289,7 +281,7 @@ class Deliveries(Part):
             log.error("webhook undelivered", attempts=attempt, error=_internal(exc))
             return
         self.failed += 1
-        log.warning("webhook undelivered", attempts=attempt, error=outcome.error)
+        log.warning("webhook undelivered", attempts=attempt, error=error)
 
     async def _post(
         self, url: str, body: bytes, headers: CIMultiDict[str], seconds: float
