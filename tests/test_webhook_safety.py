@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from aiohttp.test_utils import TestServer, unused_port
 from tests.conftest import AUTH, AUTH_KEY, Worker, make_config, task, wait_for
 from tests.daemon import Daemon, poll, post_task
 from tests.daemon import health as daemon_health
-from tests.test_webhooks import Start, health, receiver, webhook_config
+from tests.test_webhooks import SECRET, Start, health, receiver, webhook_config
 from worker.errors import ConfigError
 from worker.targets import TargetPolicy, TargetRefused
 from worker.webhooks import PolicyResolver
@@ -444,3 +447,37 @@ async def test_no_log_line_holds_a_targets_query_fragment_or_userinfo(
             assert word not in text, text
     # What is logged of a target: scheme, host, port and path.
     assert any(f"http://127.0.0.1:{server.port}/hook" in line for line in undelivered)
+
+
+async def test_every_attempt_carries_its_number_a_timestamp_and_a_replay_proof_signature(
+    worker_app: StartWorker, receiver: Start
+) -> None:
+    hook = await receiver([503, 503])
+    client, runtime = await worker_app(webhook=webhook_config(retry_delay=0.01))
+    before = int(time.time())
+    task_id = await deliver_one(client, runtime, hook, task("hello"))
+    after = int(time.time())
+    assert len(hook.calls) == 3
+    for number, call in enumerate(hook.calls, start=1):
+        headers = call.headers
+        assert headers["X-Webhook-Attempt"] == str(number)
+        assert headers["X-Task-Id"] == task_id
+        stamp = headers["X-Webhook-Timestamp"]
+        assert stamp.isdigit() and before <= int(stamp) <= after
+        signed = stamp.encode() + b"." + call.body
+        expected = hmac.new(SECRET.encode(), signed, hashlib.sha256).hexdigest()
+        assert headers["X-Webhook-Signature"] == f"t={stamp},v1={expected}"
+        kept = hmac.new(SECRET.encode(), call.body, hashlib.sha256).hexdigest()
+        assert headers["X-Signature-256"] == f"sha256={kept}"
+
+
+async def test_without_a_secret_nothing_is_signed_but_attempts_are_numbered(
+    worker_app: StartWorker, receiver: Start
+) -> None:
+    hook = await receiver([])
+    client, runtime = await worker_app(webhook=webhook_config(secret=""))
+    await deliver_one(client, runtime, hook, task("hello"))
+    headers = hook.calls[0].headers
+    assert headers["X-Webhook-Attempt"] == "1"
+    assert headers["X-Webhook-Timestamp"].isdigit()
+    assert "X-Webhook-Signature" not in headers and "X-Signature-256" not in headers

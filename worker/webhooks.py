@@ -83,6 +83,22 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def attempt_headers(
+    headers: CIMultiDict[str], body: bytes, secret: str, attempt: int, now: float
+) -> CIMultiDict[str]:
+    """The headers of one attempt: its number, when it was sent, and, with a secret, the
+    signature of "<timestamp>.<body>", so that a receiver can refuse a replayed request."""
+    stamped = headers.copy()
+    timestamp = str(int(now))
+    stamped["X-Webhook-Attempt"] = str(attempt)
+    stamped["X-Webhook-Timestamp"] = timestamp
+    if secret:
+        signed = timestamp.encode() + b"." + body
+        digest = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+        stamped["X-Webhook-Signature"] = f"t={timestamp},v1={digest}"
+    return stamped
+
+
 def request_headers(spec: TaskSpec, body: bytes, settings: WebhookSection) -> CIMultiDict[str]:
     """Configured headers, overridden by the request's own; the worker's own headers last."""
     headers: CIMultiDict[str] = CIMultiDict({"User-Agent": f"base-worker/{__version__}"})
@@ -253,7 +269,8 @@ class Deliveries(Part):
                 if refusal is not None:
                     outcome = Attempt(False, False, error=f"refused: {refusal}")
                 else:
-                    outcome = await self._post(url, body, headers, settings.timeout)
+                    sent = attempt_headers(headers, body, settings.secret, attempt, time.time())
+                    outcome = await self._post(url, body, sent, settings.timeout)
                 fields: dict[str, Any] = {
                     "attempt": attempt,
                     "of": attempts,
