@@ -24,7 +24,7 @@ from tests.daemon import Daemon, poll, post_task
 from tests.daemon import health as daemon_health
 from tests.test_webhooks import SECRET, Start, health, receiver, webhook_config
 from worker.errors import ConfigError
-from worker.targets import TargetPolicy, TargetRefused
+from worker.targets import TargetPolicy, TargetRefused, header_target_matches
 from worker.webhooks import PolicyResolver
 
 StartWorker = Callable[..., Awaitable[Worker]]
@@ -481,3 +481,68 @@ async def test_without_a_secret_nothing_is_signed_but_attempts_are_numbered(
     assert headers["X-Webhook-Attempt"] == "1"
     assert headers["X-Webhook-Timestamp"].isdigit()
     assert "X-Webhook-Signature" not in headers and "X-Signature-256" not in headers
+
+
+async def test_configured_headers_go_only_to_header_targets(
+    worker_app: StartWorker, receiver: Start
+) -> None:
+    home = await receiver([])
+    away = await receiver([])
+    assert home.server is not None
+    prefix = f"http://127.0.0.1:{home.server.port}/hook"
+    client, runtime = await worker_app(webhook=webhook_config(header_targets=[prefix]))
+    own = {"X-Custom": "from-task"}
+    for hook in (home, away):
+        body = task("hello", mode="webhook", webhook={"url": hook.url, "headers": own})
+        status, _ = await post(client, body)
+        assert status == 202
+    await wait_for(lambda: runtime.deliveries.delivered == 2)
+    assert home.calls[0].headers["X-Default"] == "from-config"
+    assert "X-Default" not in away.calls[0].headers
+    assert "X-Override" not in away.calls[0].headers
+    assert away.calls[0].headers["X-Custom"] == "from-task"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "url", "sent"),
+    [
+        ("https://api.example.com", "https://api.example.com/hooks?x=1", True),
+        ("https://api.example.com", "https://API.example.com:443/", True),
+        ("https://api.example.com", "https://api.example.com.evil.test/", False),
+        ("https://api.example.com", "https://api.example.com@evil.test/", False),
+        ("https://api.example.com", "https://api.example.com:x@evil.test/", False),
+        ("https://api.example.com", "http://api.example.com/", False),
+        ("https://api.example.com", "https://api.example.com:8443/", False),
+        ("https://api.example.com/hooks", "https://api.example.com/hooks/1", True),
+        ("https://api.example.com/hooks", "https://api.example.com/hooks", True),
+        ("https://api.example.com/hooks", "https://api.example.com/hooksevil", False),
+        ("https://api.example.com/hooks/", "https://api.example.com/hooks/1", True),
+    ],
+)
+def test_header_targets_match_origin_then_path_prefix(prefix: str, url: str, sent: bool) -> None:
+    assert header_target_matches(url, prefix) is sent
+
+
+@pytest.mark.parametrize(
+    "prefix", ["api.example.com", "ftp://x.test/", "https://u:p@x.test/", "https://x.test/?a=1"]
+)
+def test_bad_header_targets_are_refused_at_config_load(prefix: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        make_config(webhook={"header_targets": [prefix]})
+    assert "webhook.header_targets" in str(caught.value)
+
+
+async def test_the_daemon_warns_once_when_configured_headers_go_everywhere(
+    tmp_path: Path,
+) -> None:
+    for index, header_targets in enumerate(([], ["https://hooks.example.org/"])):
+        home = tmp_path / str(index)
+        home.mkdir()
+        daemon = Daemon(home, webhook={"header_targets": header_targets})
+        try:
+            await daemon.start(env={"WEBHOOK_HEADERS": json.dumps({"X-Api-Key": "k" * 20})})
+            await daemon.wait_ready()
+        finally:
+            await daemon.stop()
+        warned = [line for line in daemon.output if "webhook.header_targets" in line]
+        assert len(warned) == (0 if header_targets else 1), daemon.output

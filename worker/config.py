@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from worker.errors import ConfigError
-from worker.targets import header_problems, parse_entry
+from worker.targets import check_header_target, header_problems, parse_entry
 
 DEFAULT_PATH = Path("/etc/base-worker/config.toml")
 # Keys that config.example.toml ships with; a daemon using them warns loudly at startup.
@@ -106,6 +106,8 @@ class WebhookSection:
     # Host names, IP addresses or CIDR networks; empty allow = any target not denied.
     allow: tuple[str, ...] = option((), env="WEBHOOK_ALLOW", unit="list")
     deny: tuple[str, ...] = option((), env="WEBHOOK_DENY", unit="list")
+    # URL prefixes: the configured headers (often credentials) are sent only to these targets.
+    header_targets: tuple[str, ...] = option((), env="WEBHOOK_HEADER_TARGETS", unit="list")
 
 
 @dataclass(frozen=True)
@@ -350,6 +352,11 @@ def _check_whole(config: Config) -> None:
                 parse_entry(entry)
             except ValueError as exc:
                 raise ConfigError(f"webhook.{key}: {exc}") from None
+    for prefix in config.webhook.header_targets:
+        try:
+            check_header_target(prefix)
+        except ValueError as exc:
+            raise ConfigError(f"webhook.header_targets: {exc}") from None
     for name in ("url", "advertise_url"):
         value = getattr(config.load_balancer, name)
         if value and not re.match(r"^(wss?|https?)://", value):

@@ -54,6 +54,47 @@ def header_problems(headers: Mapping[str, str]) -> list[str]:
     return problems
 
 
+def check_header_target(text: str) -> None:
+    """ValueError (one line) unless `text` is a `webhook.header_targets` prefix: an http(s)
+    URL with a host and no userinfo, query or fragment."""
+    try:
+        parsed = URL(text)
+    except ValueError:
+        parsed = None
+    if (
+        parsed is None
+        or parsed.scheme not in ("http", "https")
+        or not parsed.raw_host
+        or parsed.raw_user is not None
+        or parsed.raw_query_string
+        or parsed.raw_fragment
+    ):
+        raise ValueError(
+            f"{text!r} is not an http:// or https:// URL prefix with a host "
+            "(and no user, query or fragment)"
+        )
+
+
+def header_target_matches(url: str, prefix: str) -> bool:
+    """Whether `url` is under `prefix`: same scheme, host and port, and a path that starts with
+    the prefix's path at a segment boundary (so https://api.example.com never matches
+    https://api.example.com.evil.test or https://api.example.com@evil.test)."""
+    try:
+        target, under = URL(url), URL(prefix)
+    except ValueError:
+        return False
+    if (
+        target.scheme != under.scheme
+        or (target.raw_host or "").lower().rstrip(".") != (under.raw_host or "").lower().rstrip(".")
+        or target.port != under.port
+    ):
+        return False
+    base, path = under.raw_path, target.raw_path or "/"
+    if base in ("", "/") or base.endswith("/"):
+        return path.startswith(base or "/")
+    return path == base or path.startswith(base + "/")
+
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -15,7 +15,7 @@ import ipaddress
 import json
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,13 @@ from worker.jsoncodec import NotJSON, dumps_result
 from worker.outcomes import Outcome
 from worker.parts import Part
 from worker.responses import json_response
-from worker.targets import TargetPolicy, TargetRefused, loggable, scrub
+from worker.targets import (
+    TargetPolicy,
+    TargetRefused,
+    header_target_matches,
+    loggable,
+    scrub,
+)
 from worker.tasks import Dispatcher, Job, TaskResult, TaskSpec
 
 _log = structlog.get_logger("worker.webhooks")
@@ -100,10 +106,17 @@ def attempt_headers(
 
 
 def request_headers(spec: TaskSpec, body: bytes, settings: WebhookSection) -> CIMultiDict[str]:
-    """Configured headers, overridden by the request's own; the worker's own headers last."""
+    """Configured headers (only to `header_targets`, when set), overridden by the request's
+    own; the worker's own headers last."""
     headers: CIMultiDict[str] = CIMultiDict({"User-Agent": f"base-worker/{__version__}"})
-    custom = spec.webhook.headers if spec.webhook is not None else {}
-    for source in (settings.headers, custom):
+    assert spec.webhook is not None
+    url = spec.webhook.url
+    configured: Mapping[str, str] = settings.headers
+    if settings.header_targets and not any(
+        header_target_matches(url, prefix) for prefix in settings.header_targets
+    ):
+        configured = {}
+    for source in (configured, spec.webhook.headers):
         for name, value in source.items():
             headers[name] = value  # replaces case-insensitively
     headers["Content-Type"] = "application/json"
