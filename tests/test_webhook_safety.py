@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import hmac
 import json
@@ -546,3 +547,59 @@ async def test_the_daemon_warns_once_when_configured_headers_go_everywhere(
             await daemon.stop()
         warned = [line for line in daemon.output if "webhook.header_targets" in line]
         assert len(warned) == (0 if header_targets else 1), daemon.output
+
+
+async def test_max_pending_bounds_webhook_tasks_queued_running_or_awaiting_delivery(
+    worker_app: StartWorker, receiver: Start
+) -> None:
+    fast = await receiver([])
+    slow = await receiver(["hang"])
+    client, runtime = await worker_app(
+        webhook=webhook_config(max_pending=3, timeout=30.0), worker={"slots": 1}
+    )
+    steer = runtime.registry.functions["wait_gate"].handler.__globals__
+    gate_name = "max-pending"
+
+    def submit(url: str, function: str = "hello", **params: Any) -> dict[str, Any]:
+        return task(function, mode="webhook", input=params, webhook={"url": url})
+
+    # One awaiting delivery (its receiver hangs), one running, one queued behind it.
+    assert (await post(client, submit(slow.url)))[0] == 202
+    await wait_for(lambda: len(slow.calls) == 1)
+    assert (await post(client, submit(fast.url, "wait_gate", gate=gate_name)))[0] == 202
+    await asyncio.wait_for(steer["started"](gate_name).wait(), 5)
+    assert (await post(client, submit(fast.url, "wait_gate", gate=gate_name)))[0] == 202
+    assert runtime.slots.state().queue == 1
+    assert (await health(client))["webhooks"]["pending"] == 3
+
+    async with client.post("/task", json=submit(fast.url), headers=AUTH) as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"]
+        answer = await resp.json()
+    assert "webhook.max_pending" in answer["error"]
+    assert runtime.dispatcher.in_flight == 2 and runtime.slots.state().queue == 1
+    steer["gate"](gate_name).set()
+    await wait_for(lambda: len(fast.calls) == 2)
+    await wait_for(lambda: runtime.deliveries.pending == 1)
+    assert (await post(client, submit(fast.url)))[0] == 202
+    await wait_for(lambda: len(fast.calls) == 3)
+
+
+def test_max_pending_defaults_to_10000() -> None:
+    assert make_config().webhook.max_pending == 10000
+
+
+async def test_a_pending_delivery_keeps_the_encoded_bytes_not_the_result(
+    worker_app: StartWorker, receiver: Start
+) -> None:
+    hook = await receiver(["hang"])
+    client, runtime = await worker_app(webhook=webhook_config(timeout=30.0))
+    tracked = runtime.registry.functions["tracked_result"].handler.__globals__["TRACKED"]
+    tracked.clear()
+    body = task("tracked_result", mode="webhook", webhook={"url": hook.url})
+    assert (await post(client, body))[0] == 202
+    await wait_for(lambda: len(hook.calls) == 1)
+    assert runtime.deliveries.pending == 1
+    gc.collect()
+    assert tracked[0]() is None  # the value is gone; its bytes are being delivered
+    assert json.loads(hook.calls[0].body)["result"] == {"data": "y" * 1000}

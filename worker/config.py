@@ -103,6 +103,8 @@ class WebhookSection:
     max_result_bytes: int = option(
         10 * 1024 * 1024, env="WEBHOOK_MAX_RESULT_BYTES", unit="size", minimum=1
     )
+    # Webhook tasks accepted but not yet delivered; bounds memory at max_pending x max_result_bytes.
+    max_pending: int = option(10000, env="WEBHOOK_MAX_PENDING", minimum=1)
     # Host names, IP addresses or CIDR networks; empty allow = any target not denied.
     allow: tuple[str, ...] = option((), env="WEBHOOK_ALLOW", unit="list")
     deny: tuple[str, ...] = option((), env="WEBHOOK_DENY", unit="list")

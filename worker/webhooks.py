@@ -28,6 +28,7 @@ from multidict import CIMultiDict
 
 from worker import __version__
 from worker.config import Config, WebhookSection
+from worker.errors import Unavailable
 from worker.jsoncodec import NotJSON, dumps_result
 from worker.outcomes import Outcome
 from worker.parts import Part
@@ -184,6 +185,7 @@ class Deliveries(Part):
         self._policy: tuple[Any, TargetPolicy] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._accepted = 0  # webhook tasks queued, running or awaiting delivery
         self._idle = asyncio.Event()
         self._idle.set()
         self.delivered = 0
@@ -192,7 +194,21 @@ class Deliveries(Part):
 
     @property
     def pending(self) -> int:
+        """Webhook tasks accepted and not yet delivered (or given up on)."""
+        return self._accepted
+
+    @property
+    def delivering(self) -> int:
+        """Deliveries under way (the function has ended)."""
         return len(self._pending)
+
+    def admit(self) -> None:
+        """Raise Unavailable (503) when `webhook.max_pending` webhook tasks are pending."""
+        limit = self._settings.max_pending
+        if self._accepted >= limit:
+            raise Unavailable(
+                f"Too many webhook tasks pending delivery (webhook.max_pending is {limit})"
+            )
 
     def health(self) -> dict[str, Any]:
         return {
@@ -236,6 +252,7 @@ class Deliveries(Part):
 
     def follow(self, job: Job) -> None:
         """Deliver the job's result as soon as its function ends."""
+        self._accepted += 1
         job.task.add_done_callback(lambda _: self._start(job))
 
     def abandon(self) -> int:
@@ -263,6 +280,7 @@ class Deliveries(Part):
 
     def _forget(self, delivery: asyncio.Task[None]) -> None:
         self._pending.discard(delivery)
+        self._accepted -= 1
         if not self._pending:
             self._idle.set()
 
@@ -362,6 +380,7 @@ class WebhookMode:
         self._deliveries = deliveries
 
     async def __call__(self, request: web.Request, spec: TaskSpec) -> web.StreamResponse:
+        self._deliveries.admit()
         job = self._dispatcher.submit(spec)
         self._deliveries.follow(job)
         body = {

@@ -252,3 +252,19 @@ class Unreadable(dict[str, Any]):
 @function
 async def unreadable_result(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
     return Unreadable(a=1)
+
+
+class Tracked(dict[str, Any]):
+    """A result a test can watch (through a weak reference) to see whether it is still held."""
+
+
+TRACKED: list[Any] = []
+
+
+@function
+async def tracked_result(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    import weakref
+
+    value = Tracked(data="y" * 1000)
+    TRACKED.append(weakref.ref(value))
+    return value
