@@ -603,3 +603,23 @@ async def test_a_pending_delivery_keeps_the_encoded_bytes_not_the_result(
     gc.collect()
     assert tracked[0]() is None  # the value is gone; its bytes are being delivered
     assert json.loads(hook.calls[0].body)["result"] == {"data": "y" * 1000}
+
+
+async def test_credentials_in_the_url_and_an_authorization_header_do_not_mix(
+    worker_app: StartWorker, receiver: Start
+) -> None:
+    hook = await receiver([])
+    assert hook.server is not None
+    client, runtime = await worker_app(
+        webhook=webhook_config(headers={"Authorization": "Bearer from-config"})
+    )
+    with_user = f"http://user:pw@127.0.0.1:{hook.server.port}/hook"
+    both = {"url": with_user, "headers": {"Authorization": "Bearer from-task"}}
+    status, answer = await post(client, task("hello", mode="webhook", webhook=both))
+    assert status == 400
+    assert any("Authorization" in m for m in answer["details"]["webhook"]["headers"])
+    # The URL's credentials are the task's own: they win over the configured header.
+    status, _ = await post(client, task("hello", mode="webhook", webhook={"url": with_user}))
+    assert status == 202
+    await wait_for(lambda: runtime.deliveries.delivered == 1)
+    assert hook.calls[0].headers["Authorization"].startswith("Basic ")

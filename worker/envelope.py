@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 from marshmallow import (
@@ -15,6 +16,7 @@ from marshmallow import (
     validates,
     validates_schema,
 )
+from yarl import URL
 
 from worker import jsoncodec
 from worker.errors import BadRequest, NotFound
@@ -42,6 +44,18 @@ class WebhookSchema(Schema):
         problems = header_problems(headers)
         if problems:
             raise ValidationError(problems)
+
+    @validates_schema
+    def _one_source_of_credentials(self, data: dict[str, Any], **kwargs: Any) -> None:
+        # aiohttp turns user:password@ into an Authorization header and refuses a second one.
+        headers = data.get("headers", {})
+        if (
+            "url" in data
+            and URL(data["url"]).raw_user is not None
+            and any(name.lower() == "authorization" for name in headers)
+        ):
+            message = "Header 'Authorization' may not be set with credentials in the URL."
+            raise ValidationError([message], "headers")
 
 
 class TaskEnvelopeSchema(Schema):
@@ -126,10 +140,10 @@ def validate_task(
     registry: Registry,
     group: str,
     contract: int,
-    targets: TargetPolicy | None = None,
+    targets: Callable[[], TargetPolicy] | None = None,
 ) -> TaskSpec:
-    """Check the envelope, the webhook target against `targets`, the contract, the group, the
-    function and its input, in that order."""
+    """Check the envelope, the webhook target against the policy `targets` gives (asked only
+    for a webhook task), the contract, the group, the function and its input, in that order."""
     envelope = plain_envelope(body)
     if envelope is None:
         try:
@@ -137,7 +151,7 @@ def validate_task(
         except ValidationError as exc:
             raise BadRequest("Invalid task request", details=_details(exc)) from None
     if "webhook" in envelope and targets is not None:
-        refusal = targets.refusal_of_url(envelope["webhook"]["url"])
+        refusal = targets().refusal_of_url(envelope["webhook"]["url"])
         if refusal is not None:
             details = {"webhook": {"url": [f"Target refused: {refusal}."]}}
             raise BadRequest("Invalid task request", details=details)

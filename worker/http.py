@@ -108,9 +108,8 @@ class Api(Part):
         if status != "ready":
             raise Unavailable(REFUSALS[status])
         body = parse_json(await _read_body(request, config.http.max_body_size))
-        targets = self._targets() if self._targets is not None else None
         spec = validate_task(
-            body, self._registry, config.worker.group, config.worker.contract, targets
+            body, self._registry, config.worker.group, config.worker.contract, self._targets
         )
         return await self._answers[spec.mode](request, spec)
 

@@ -25,6 +25,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from multidict import CIMultiDict
+from yarl import URL
 
 from worker import __version__
 from worker.config import Config, WebhookSection
@@ -117,6 +118,8 @@ def request_headers(spec: TaskSpec, body: bytes, settings: WebhookSection) -> CI
         header_target_matches(url, prefix) for prefix in settings.header_targets
     ):
         configured = {}
+    if URL(url).raw_user is not None:  # the URL's credentials are the task's own: they win
+        configured = {k: v for k, v in configured.items() if k.lower() != "authorization"}
     for source in (configured, spec.webhook.headers):
         for name, value in source.items():
             headers[name] = value  # replaces case-insensitively
