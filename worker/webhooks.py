@@ -3,7 +3,10 @@
 A delivery starts when the function ends (its slot is already free by then) and runs apart from
 the task, through one shared client session, retrying on connection errors, timeouts, 408, 429
 and 5xx with exponential back-off. Pending deliveries are tracked so that the drain on shutdown
-can wait for them. Every attempt and the final outcome are logged; header values never are.
+can wait for them, and bounded (`webhook.max_pending`). Every attempt connects only where the
+target policy (worker/targets.py) allows, checked on the address actually connected to. Every
+attempt and the final outcome are logged with the target's scheme, host, port and path; header
+values, queries, fragments and userinfo never are.
 """
 
 from __future__ import annotations
@@ -200,11 +203,6 @@ class Deliveries(Part):
         """Webhook tasks accepted and not yet delivered (or given up on)."""
         return self._accepted
 
-    @property
-    def delivering(self) -> int:
-        """Deliveries under way (the function has ended)."""
-        return len(self._pending)
-
     def admit(self) -> None:
         """Raise Unavailable (503) when `webhook.max_pending` webhook tasks are pending."""
         limit = self._settings.max_pending
@@ -266,7 +264,7 @@ class Deliveries(Part):
         return len(self._pending)
 
     async def wait_idle(self) -> None:
-        """Return once no delivery is pending."""
+        """Return once no delivery is under way."""
         await self._idle.wait()
 
     def _start(self, job: Job) -> None:
@@ -291,11 +289,11 @@ class Deliveries(Part):
         assert spec.webhook is not None
         settings = self._settings
         url = spec.webhook.url
-        headers = request_headers(spec, body, settings)
         attempts = 1 + settings.max_retries
         log = _log.bind(task_id=spec.task_id, function=spec.function.name, target=loggable(url))
         attempt = 0
         try:
+            headers = request_headers(spec, body, settings)
             for attempt in range(1, attempts + 1):
                 began = time.monotonic()
                 # aiohttp does not call the resolver for an IP literal: check it here.
