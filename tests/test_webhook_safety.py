@@ -150,11 +150,11 @@ async def deliver_one(client: Any, runtime: Any, hook: Any, body: dict[str, Any]
 @pytest.mark.parametrize(
     ("function", "params", "cause"),
     [
-        ("deep_result", {"depth": 1000}, "nested too deeply"),
-        ("deep_result", {"depth": 50000}, "nested too deeply"),
-        ("nan_result", {}, "NaN or Infinity"),
-        ("infinite_result", {}, "NaN or Infinity"),
-        ("infinite_result", {"sign": -1}, "NaN or Infinity"),
+        ("nested_result", {"depth": 1000}, "nested too deeply"),
+        ("nested_result", {"depth": 50000}, "nested too deeply"),
+        ("nan_result", {}, "NaN or infinite number"),
+        ("infinite_result", {}, "NaN or infinite number"),
+        ("infinite_result", {"sign": -1}, "NaN or infinite number"),
         ("not_json", {}, "not JSON serializable"),
         ("unreadable_result", {}, "cannot read this result"),
     ],

@@ -32,7 +32,7 @@ def dumps_result(body: Any) -> str:
         return json.dumps(body, allow_nan=False)
     except ValueError as exc:
         if str(exc).startswith("Out of range float"):
-            cause = "it holds NaN or Infinity, which JSON has no numbers for"
+            cause = "it holds a NaN or infinite number, which JSON cannot represent"
         else:
             cause = str(exc)
         raise NotJSON(f"Function result is not JSON-serialisable: {cause}") from None

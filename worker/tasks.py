@@ -25,10 +25,9 @@ from worker.runner import Runner, RunResult
 from worker.slots import Admission, Lease, SlotManager
 
 _log = structlog.get_logger("worker.tasks")
-# The debug line's view of a result: bounded in depth and length, so a result nested thousands
-# deep or megabytes long costs little and cannot raise RecursionError while being logged.
+# A result in the debug log: bounded in depth and size, whatever the function returned.
 _RESULT_REPR = reprlib.Repr()
-_RESULT_REPR.maxstring = _RESULT_REPR.maxother = 500
+_RESULT_REPR.maxstring, _RESULT_REPR.maxother, _RESULT_REPR.maxlist = 200, 100, 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -222,7 +222,7 @@ async def stream_returns_object(params: dict[str, Any], ctx: Any) -> object:
 
 # Results the webhook deliveries must survive (tests/test_webhook_safety.py).
 @function(params={"depth": {"type": "number", "min": 1, "max": 100000}})
-async def deep_result(params: dict[str, Any], ctx: Any) -> list[Any]:
+async def nested_result(params: dict[str, Any], ctx: Any) -> list[Any]:
     value: list[Any] = []
     for _ in range(int(params["depth"])):
         value = [value]
