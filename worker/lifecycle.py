@@ -341,15 +341,15 @@ class Daemon:
             contract=cfg.worker.contract,
             status=worker.slots.status,
         )
-        if cfg.webhook.headers and not cfg.webhook.header_targets:
-            _log.warning(
-                "webhook.headers are sent to every webhook target a task names; set "
-                "webhook.header_targets to the URL prefixes that may receive them"
-            )
         if cfg.uses_dev_keys:
             _log.warning(
                 "USING DEV-ONLY KEYS FROM config.example.toml: anyone who read the example can "
                 "call this worker; set [auth] auth_key and lb_auth_key before exposing it"
+            )
+        if cfg.webhook.headers and not cfg.webhook.header_targets:
+            _log.warning(
+                "webhook.headers are sent to every webhook target a task names; set "
+                "webhook.header_targets to the URL prefixes that may receive them"
             )
 
 
