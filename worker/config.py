@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from worker.errors import ConfigError
+from worker.targets import check_header_target, header_problems, parse_entry
 
 DEFAULT_PATH = Path("/etc/base-worker/config.toml")
 # Keys that config.example.toml ships with; a daemon using them warns loudly at startup.
@@ -105,6 +106,16 @@ class WebhookSection:
     retry_delay: float = option(1.0, env="WEBHOOK_RETRY_DELAY", unit="ms", minimum=0)
     headers: Mapping[str, str] = option({}, env="WEBHOOK_HEADERS", unit="json", secret=True)
     secret: str = option("", secret=True)
+    max_result_bytes: int = option(
+        10 * 1024 * 1024, env="WEBHOOK_MAX_RESULT_BYTES", unit="size", minimum=1
+    )
+    # Webhook tasks accepted but not yet delivered; bounds memory at max_pending x max_result_bytes.
+    max_pending: int = option(10000, env="WEBHOOK_MAX_PENDING", minimum=1)
+    # Host names, IP addresses or CIDR networks; empty allow = any target not denied.
+    allow: tuple[str, ...] = option((), env="WEBHOOK_ALLOW", unit="list")
+    deny: tuple[str, ...] = option((), env="WEBHOOK_DENY", unit="list")
+    # URL prefixes: the configured headers (often credentials) are sent only to these targets.
+    header_targets: tuple[str, ...] = option((), env="WEBHOOK_HEADER_TARGETS", unit="list")
 
 
 @dataclass(frozen=True)
@@ -375,6 +386,20 @@ def _check_whole(config: Config) -> None:
         raise ConfigError("auth.auth_key is required (set AUTH_KEY or [auth] auth_key)")
     if not config.worker.functions:
         raise ConfigError("worker.functions must name at least one module, file or directory")
+    problems = header_problems(config.webhook.headers)
+    if problems:
+        raise ConfigError(f"webhook.headers: {' '.join(problems)}")
+    for key in ("allow", "deny"):
+        for entry in getattr(config.webhook, key):
+            try:
+                parse_entry(entry)
+            except ValueError as exc:
+                raise ConfigError(f"webhook.{key}: {exc}") from None
+    for prefix in config.webhook.header_targets:
+        try:
+            check_header_target(prefix)
+        except ValueError as exc:
+            raise ConfigError(f"webhook.header_targets: {exc}") from None
     for name in ("url", "advertise_url"):
         value = getattr(config.load_balancer, name)
         if value and not re.match(r"^(wss?|https?)://", value):

@@ -21,6 +21,7 @@ from worker.metrics import Metrics
 from worker.parts import Part
 from worker.responses import RETRY_AFTER, json_response
 from worker.slots import REFUSALS, SlotManager
+from worker.targets import TargetPolicy
 from worker.tasks import TaskSpec
 
 _log = structlog.get_logger("worker.http")
@@ -99,6 +100,7 @@ class Api(Part):
         logs: LogBuffer,
         metrics: Metrics,
         sections: Callable[[], dict[str, Any]],
+        targets: Callable[[], TargetPolicy] | None = None,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -108,6 +110,7 @@ class Api(Part):
         self._logs = logs
         self._metrics = metrics
         self._sections = sections  # the parts' own sections of the detailed /health
+        self._targets = targets  # the webhook target policy in force, checked at submit
 
     def apply(self, new: Config) -> None:
         self._config = new
@@ -137,7 +140,9 @@ class Api(Part):
         if not self._slots.accepting:
             raise Unavailable(REFUSALS[self._slots.status])
         body = parse_json(await _read_body(request, config.http.max_body_size))
-        spec = validate_task(body, self._registry, config.worker.group, config.worker.contract)
+        spec = validate_task(
+            body, self._registry, config.worker.group, config.worker.contract, self._targets
+        )
         return await self._answers[spec.mode](request, spec)
 
     async def get_health(self, request: web.Request) -> web.Response:

@@ -34,6 +34,7 @@ class HttpServer(Part):
         self._inherited = inherited
         self._runner: web.AppRunner | None = None
         self.addresses: list[str] = []
+        self.ports = {config.http.port}  # the bound ports once listening (port 0: ephemeral)
 
     def apply(self, new: Config) -> None:
         # `logging.access` applies to connections opened from now on.
@@ -66,6 +67,7 @@ class HttpServer(Part):
             raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from None
         self._runner = runner
         self.addresses = [site.name for site in sites]
+        self.ports = {a[1] for a in runner.addresses if isinstance(a, tuple) and len(a) > 1}
 
     async def stop(self, deadline: float) -> None:
         if self._runner is not None:
