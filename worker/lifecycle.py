@@ -148,7 +148,9 @@ def build(
     )
     dispatcher = Dispatcher(slots, runner, services.values, metrics.task_ended)
     ports = {cfg.http.port, cfg.load_balancer.websocket_port}  # until the listeners are up
-    deliveries = Deliveries(cfg.webhook, own_ports=lambda: ports | worker.own_ports)
+    deliveries = Deliveries(
+        cfg.webhook, own_ports=lambda: ports | worker.own_ports, on_outcome=metrics.delivery
+    )
     maintenance = Maintenance(slots, cfg.worker.state_dir)
     answers: dict[Mode, Answer] = {
         "sync": SyncMode(dispatcher),

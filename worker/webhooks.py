@@ -183,11 +183,16 @@ class Deliveries(Part):
     name = "webhook deliveries"
 
     def __init__(
-        self, settings: WebhookSection, own_ports: Callable[[], Iterable[int]] = frozenset
+        self,
+        settings: WebhookSection,
+        own_ports: Callable[[], Iterable[int]] = frozenset,
+        on_outcome: Callable[[str], None] = lambda outcome: None,
     ) -> None:
         # Read at the start of each delivery, so a reload applies to the next ones.
         self._settings = settings
         self._own_ports = own_ports
+        # Told "delivered", "retried" (another attempt follows) or "failed" (the metrics).
+        self._on_outcome = on_outcome
         self._policy: tuple[Any, TargetPolicy] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._pending: set[asyncio.Task[None]] = set()
@@ -312,25 +317,31 @@ class Deliveries(Part):
                 if outcome.delivered:
                     log.info("webhook attempt", **fields)
                     self.delivered += 1
+                    self._on_outcome("delivered")
                     log.info("webhook delivered", attempts=attempt)
                     return
                 error = scrub(outcome.error or "", url)  # aiohttp's texts may quote the URL
                 log.warning("webhook attempt failed", **fields, error=error)
                 if not outcome.retry or attempt == attempts:
                     break
+                self._on_outcome("retried")
                 # The n-th retry waits retry_delay * 2^(n-1), or longer if the receiver asks.
                 delay = settings.retry_delay * 2 ** (attempt - 1)
                 await asyncio.sleep(max(delay, outcome.retry_after))
         except asyncio.CancelledError:
-            self.failed += 1
+            self._undelivered()
             log.warning("webhook undelivered", attempts=attempt, error=STOPPING)
             raise
         except Exception as exc:  # whatever happens, the task ends counted and logged
-            self.failed += 1
+            self._undelivered()
             log.error("webhook undelivered", attempts=attempt, error=_internal(exc))
             return
-        self.failed += 1
+        self._undelivered()
         log.warning("webhook undelivered", attempts=attempt, error=error)
+
+    def _undelivered(self) -> None:
+        self.failed += 1
+        self._on_outcome("failed")
 
     async def _post(
         self, url: str, body: bytes, headers: CIMultiDict[str], seconds: float
