@@ -47,11 +47,9 @@ class Fleet:
         self.ports = ports
         self.generation = 0
         self.daemons: list[Daemon | None] = [None] * len(ports)
+        self.every: list[Daemon] = []  # this generation and those before, to clean up
 
     async def start(self, index: int) -> Daemon:
-        previous = self.daemons[index]
-        if previous is not None:
-            await previous.stop()  # it has exited; this closes its notify socket
         self.generation += 1
         home = self.tmp / f"w{index}-{self.generation}"
         home.mkdir()
@@ -60,15 +58,15 @@ class Fleet:
             http={"port": self.ports[index]},
             worker={"drain_grace": DRAIN_GRACE, "slots": 4},
         )
+        self.every.append(daemon)
         await daemon.start()
         await daemon.wait_ready()
         self.daemons[index] = daemon
         return daemon
 
     async def stop_all(self) -> None:
-        for daemon in self.daemons:
-            if daemon is not None:
-                await daemon.stop()
+        for daemon in self.every:
+            await daemon.stop()
 
 
 @pytest.fixture

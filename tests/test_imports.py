@@ -22,6 +22,7 @@ FLOORS: dict[str, int] = {
     "health": 1,
     "outcomes": 1,
     "params": 1,
+    "targets": 1,
     "config": 2,
     "functions": 2,
     "parts": 3,

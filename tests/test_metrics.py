@@ -10,6 +10,10 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import AUTH, AUTH_KEY, LB_KEY, Worker, task, wait_for
+from tests.test_webhooks import Start as ReceiverStart
+from tests.test_webhooks import receiver, webhook_config
+
+__all__ = ["receiver"]  # the receiver fixture, shared with the webhook tests
 
 StartWorker = Callable[..., Awaitable[Worker]]
 
@@ -100,3 +104,20 @@ async def test_unknown_routes_share_one_label(worker_app: StartWorker) -> None:
     requests = (await scrape(client))["base_worker_http_requests_total"]
     assert requests[(("route", "unmatched"), ("status", "404"))] == 3
     assert not any(("route", "/a") in labels for labels in requests)
+
+
+async def test_webhook_deliveries_are_counted_by_outcome(
+    worker_app: StartWorker, receiver: ReceiverStart
+) -> None:
+    hook = await receiver([503, 200])
+    client, running = await worker_app(webhook=webhook_config(retry_delay=0.01, max_retries=1))
+    failing = await receiver([500, 500])
+    for url in (hook.url, failing.url):
+        body = task("hello", mode="webhook", webhook={"url": url})
+        assert (await client.post("/task", json=body, headers=AUTH)).status == 202
+    await wait_for(lambda: running.deliveries.delivered + running.deliveries.failed == 2)
+    deliveries = (await scrape(client))["base_worker_webhook_deliveries_total"]
+    assert deliveries[(("outcome", "delivered"),)] == 1
+    assert deliveries[(("outcome", "retried"),)] == 2
+    assert deliveries[(("outcome", "failed"),)] == 1
+    assert (await scrape(client))["base_worker_webhook_pending"][()] == 0

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from worker.errors import ConfigError
+from worker.targets import check_header_target, header_problems, parse_entry
 
 DEFAULT_PATH = Path("/etc/base-worker/config.toml")
 # Keys that config.example.toml ships with; a daemon using them warns loudly at startup.
@@ -97,6 +98,8 @@ class HttpSection:
 class AuthSection:
     auth_key: str = option("", env="AUTH_KEY", secret=True)
     lb_auth_key: str = option("", env="LB_AUTH_KEY", secret=True)
+    # A path, not a secret: the keys it holds override auth_key and lb_auth_key of the file.
+    keys_file: str = option("", help="TOML file holding auth_key and lb_auth_key")
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,16 @@ class WebhookSection:
     retry_delay: float = option(1.0, env="WEBHOOK_RETRY_DELAY", unit="ms", minimum=0)
     headers: Mapping[str, str] = option({}, env="WEBHOOK_HEADERS", unit="json", secret=True)
     secret: str = option("", secret=True)
+    max_result_bytes: int = option(
+        10 * 1024 * 1024, env="WEBHOOK_MAX_RESULT_BYTES", unit="size", minimum=1
+    )
+    # Webhook tasks accepted but not yet delivered; bounds memory at max_pending x max_result_bytes.
+    max_pending: int = option(10000, env="WEBHOOK_MAX_PENDING", minimum=1)
+    # Host names, IP addresses or CIDR networks; empty allow = any target not denied.
+    allow: tuple[str, ...] = option((), env="WEBHOOK_ALLOW", unit="list")
+    deny: tuple[str, ...] = option((), env="WEBHOOK_DENY", unit="list")
+    # URL prefixes: the configured headers (often credentials) are sent only to these targets.
+    header_targets: tuple[str, ...] = option((), env="WEBHOOK_HEADER_TARGETS", unit="list")
 
 
 @dataclass(frozen=True)
@@ -299,6 +312,35 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
 
+KEYS_FILE_KEYS = ("auth_key", "lb_auth_key")
+
+
+def _with_keys_file(file_values: dict[str, Any], config_path: Path | None) -> dict[str, Any]:
+    """The file's values with `auth.keys_file`'s keys laid over `[auth]`; a relative path is
+    relative to the config file. Errors name the file and the key, never a value."""
+    auth = file_values.get("auth", {})
+    name = auth.get("keys_file", "")
+    if not isinstance(name, str) or not name:
+        return file_values  # not a string: the declared option's check reports it
+    path = Path(name)
+    if not path.is_absolute() and config_path is not None:
+        path = config_path.parent / path
+    try:
+        with path.open("rb") as handle:
+            keys = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"auth.keys_file: cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"auth.keys_file: {path} is not valid TOML: {exc}") from None
+    for key, value in keys.items():
+        if key not in KEYS_FILE_KEYS:
+            allowed = ", ".join(KEYS_FILE_KEYS)
+            raise ConfigError(f"auth.keys_file: unknown key {key} in {path} (allowed: {allowed})")
+        if not isinstance(value, str):
+            raise ConfigError(f"auth.keys_file: {key} in {path} must be a string")
+    return {**file_values, "auth": {**auth, **keys}}
+
+
 def default_path(environ: Mapping[str, str]) -> Path | None:
     """The config file used without --config: $BASE_WORKER_CONFIG, else the system path if any."""
     if environ.get("BASE_WORKER_CONFIG"):
@@ -321,6 +363,7 @@ def load(
             raise ConfigError(f"unknown section [{section}] (known: {', '.join(sorted(known))})")
         if not isinstance(table, dict):
             raise ConfigError(f"{section} must be a table ([{section}])")
+    file_values = _with_keys_file(file_values, path)
 
     chosen: dict[str, dict[str, Any]] = {section: {} for section in known}
     declared: dict[str, set[str]] = {section: set() for section in known}
@@ -354,6 +397,20 @@ def _check_whole(config: Config) -> None:
         raise ConfigError("auth.auth_key is required (set AUTH_KEY or [auth] auth_key)")
     if not config.worker.functions:
         raise ConfigError("worker.functions must name at least one module, file or directory")
+    problems = header_problems(config.webhook.headers)
+    if problems:
+        raise ConfigError(f"webhook.headers: {' '.join(problems)}")
+    for key in ("allow", "deny"):
+        for entry in getattr(config.webhook, key):
+            try:
+                parse_entry(entry)
+            except ValueError as exc:
+                raise ConfigError(f"webhook.{key}: {exc}") from None
+    for prefix in config.webhook.header_targets:
+        try:
+            check_header_target(prefix)
+        except ValueError as exc:
+            raise ConfigError(f"webhook.header_targets: {exc}") from None
     for name in ("url", "advertise_url"):
         value = getattr(config.load_balancer, name)
         if value and not re.match(r"^(wss?|https?)://", value):

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import (
+    EXCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    validate,
+    validates,
+    validates_schema,
+)
+from yarl import URL
 
 from worker import jsoncodec
 from worker.errors import BadRequest, NotFound
 from worker.functions import Registry
 from worker.params import validate_input
+from worker.targets import TargetPolicy, header_problems
 from worker.tasks import TaskSpec, WebhookTarget
 
 MAX_PRIORITY = 2097152
@@ -28,6 +39,24 @@ class WebhookSchema(Schema):
 
     url = fields.Url(required=True, schemes={"http", "https"}, require_tld=False)
     headers = fields.Dict(keys=fields.String(), values=fields.String(), load_default=dict)
+
+    @validates("headers")
+    def _headers_are_safe(self, headers: dict[str, str], **kwargs: Any) -> None:
+        problems = header_problems(headers)
+        if problems:
+            raise ValidationError(problems)
+
+    @validates_schema
+    def _one_source_of_credentials(self, data: dict[str, Any], **kwargs: Any) -> None:
+        # aiohttp turns user:password@ into an Authorization header and refuses a second one.
+        headers = data.get("headers", {})
+        if (
+            "url" in data
+            and URL(data["url"]).raw_user is not None
+            and any(name.lower() == "authorization" for name in headers)
+        ):
+            message = "Header 'Authorization' may not be set with credentials in the URL."
+            raise ValidationError([message], "headers")
 
 
 class TaskEnvelopeSchema(Schema):
@@ -108,14 +137,26 @@ def plain_envelope(body: dict[str, Any]) -> dict[str, Any] | None:
     return envelope
 
 
-def validate_task(body: dict[str, Any], registry: Registry, group: str, contract: int) -> TaskSpec:
-    """Check the envelope, the contract, the group, the function and its input, in that order."""
+def validate_task(
+    body: dict[str, Any],
+    registry: Registry,
+    group: str,
+    contract: int,
+    targets: Callable[[], TargetPolicy] | None = None,
+) -> TaskSpec:
+    """Check the envelope, the webhook target against the policy `targets` gives (asked only
+    for a webhook task), the contract, the group, the function and its input, in that order."""
     envelope = plain_envelope(body)
     if envelope is None:
         try:
             envelope = ENVELOPE.load(body)
         except ValidationError as exc:
             raise BadRequest("Invalid task request", details=_details(exc)) from None
+    if "webhook" in envelope and targets is not None:
+        refusal = targets().refusal_of_url(envelope["webhook"]["url"])
+        if refusal is not None:
+            details = {"webhook": {"url": [f"Target refused: {refusal}."]}}
+            raise BadRequest("Invalid task request", details=details)
     if envelope["contract"] != contract:
         raise BadRequest(
             f"Contract version mismatch: requested {envelope['contract']}, worker is {contract}"

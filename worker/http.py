@@ -28,6 +28,7 @@ from worker.metrics import Metrics
 from worker.parts import Part
 from worker.responses import RETRY_AFTER, json_response
 from worker.slots import REFUSALS, SlotManager
+from worker.targets import TargetPolicy
 from worker.tasks import TaskSpec
 
 _log = structlog.get_logger("worker.http")
@@ -122,6 +123,7 @@ class Api(Part):
         logs: LogBuffer,
         metrics: Metrics,
         sections: Callable[[], dict[str, Any]],
+        targets: Callable[[], TargetPolicy] | None = None,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -131,6 +133,7 @@ class Api(Part):
         self._logs = logs
         self._metrics = metrics
         self._sections = sections  # the parts' own sections of the detailed /health
+        self._targets = targets  # the webhook target policy in force, checked at submit
 
     def apply(self, new: Config) -> None:
         self._config = new
@@ -161,7 +164,9 @@ class Api(Part):
             raise Unavailable(REFUSALS[self._slots.status])
         http = config.http
         body = parse_json(await _read_body(request, http.max_body_size, http.body_timeout))
-        spec = validate_task(body, self._registry, config.worker.group, config.worker.contract)
+        spec = validate_task(
+            body, self._registry, config.worker.group, config.worker.contract, self._targets
+        )
         return await self._answers[spec.mode](request, spec)
 
     async def get_health(self, request: web.Request) -> web.Response:

@@ -31,7 +31,15 @@ def dumps_result(body: Any) -> str:
     result has values JSON cannot hold (NaN, Infinity, other types) or is nested too deeply."""
     try:
         return json.dumps(body, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
+    except ValueError as exc:
+        if str(exc).startswith("Out of range float"):
+            cause = "it holds a NaN or infinite number, which JSON cannot represent"
+        else:
+            cause = str(exc)
+        raise NotJSON(f"Function result is not JSON-serialisable: {cause}") from None
+    except RecursionError:
+        raise NotJSON("Function result is not JSON-serialisable: nested too deeply") from None
+    except Exception as exc:  # a type JSON cannot hold, or an object that fails when read
         raise NotJSON(f"Function result is not JSON-serialisable: {exc}") from None
 
 

@@ -85,6 +85,11 @@ class Worker:
     listener: HttpServer
 
     @property
+    def own_ports(self) -> set[int]:
+        """The ports this worker listens on, which no webhook may target on a local address."""
+        return {*self.listener.ports, self.inbound.port}
+
+    @property
     def logs(self) -> LogBuffer:
         return self.logging.buffer
 
@@ -142,7 +147,10 @@ def build(
         dead_letters=lambda: 0,  # no journal of dead letters yet
     )
     dispatcher = Dispatcher(slots, runner, services.values, metrics.task_ended)
-    deliveries = Deliveries(cfg.webhook)
+    ports = {cfg.http.port, cfg.load_balancer.websocket_port}  # until the listeners are up
+    deliveries = Deliveries(
+        cfg.webhook, own_ports=lambda: ports | worker.own_ports, on_outcome=metrics.delivery
+    )
     maintenance = Maintenance(slots, cfg.worker.state_dir)
     answers: dict[Mode, Answer] = {
         "sync": SyncMode(dispatcher),
@@ -158,6 +166,7 @@ def build(
         logging.buffer,
         metrics,
         sections=lambda: health_of(worker.parts),
+        targets=deliveries.policy,
     )
     app = api.app()
     worker = Worker(
@@ -381,6 +390,11 @@ class Daemon:
             _log.warning(
                 "USING DEV-ONLY KEYS FROM config.example.toml: anyone who read the example can "
                 "call this worker; set [auth] auth_key and lb_auth_key before exposing it"
+            )
+        if cfg.webhook.headers and not cfg.webhook.header_targets:
+            _log.warning(
+                "webhook.headers are sent to every webhook target a task names; set "
+                "webhook.header_targets to the URL prefixes that may receive them"
             )
 
 

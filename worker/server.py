@@ -273,6 +273,7 @@ class HttpServer(Part):
         self._runner: web.AppRunner | None = None
         self._edge: Edge | None = None
         self.addresses: list[str] = []
+        self.ports = {config.http.port}  # the bound ports once listening (port 0: ephemeral)
 
     def apply(self, new: Config) -> None:
         # `logging.access` applies to connections opened from now on.
@@ -316,6 +317,7 @@ class HttpServer(Part):
         self._runner = runner
         self._edge = edge
         self.addresses = [site.name for site in sites]
+        self.ports = {a[1] for a in runner.addresses if isinstance(a, tuple) and len(a) > 1}
 
     async def stop(self, deadline: float) -> None:
         if self._runner is not None:

@@ -234,3 +234,53 @@ async def stream_flaky(params: dict[str, Any], ctx: Any) -> None:
 async def stream_returns_object(params: dict[str, Any], ctx: Any) -> object:
     """Returns (instead of streaming) something that is not JSON."""
     return object()
+
+
+# Results the webhook deliveries must survive (tests/test_webhook_safety.py).
+@function(params={"depth": {"type": "number", "min": 1, "max": 100000}})
+async def nested_result(params: dict[str, Any], ctx: Any) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(int(params["depth"])):
+        value = [value]
+    return value
+
+
+@function(params={"sign": {"type": "number", "default": 1}})
+async def infinite_result(params: dict[str, Any], ctx: Any) -> dict[str, float]:
+    return {"value": params["sign"] * float("inf")}
+
+
+@function(params={"size": {"type": "number", "min": 0}})
+async def sized_result(params: dict[str, Any], ctx: Any) -> str:
+    return "x" * int(params["size"])
+
+
+class Unreadable(dict[str, Any]):
+    """A dict whose items cannot be read: JSON encoding fails with a RuntimeError."""
+
+    def items(self) -> Any:
+        raise RuntimeError("cannot read this result")
+
+    def __iter__(self) -> Any:
+        raise RuntimeError("cannot read this result")
+
+
+@function
+async def unreadable_result(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    return Unreadable(a=1)
+
+
+class Tracked(dict[str, Any]):
+    """A result a test can watch (through a weak reference) to see whether it is still held."""
+
+
+TRACKED: list[Any] = []
+
+
+@function
+async def tracked_result(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    import weakref
+
+    value = Tracked(data="y" * 1000)
+    TRACKED.append(weakref.ref(value))
+    return value

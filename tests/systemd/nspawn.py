@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,12 +22,10 @@ from typing import TypeVar
 T = TypeVar("T")
 
 CACHE_DIR = Path(os.environ.get("BASE_WORKER_NSPAWN_CACHE", "/var/tmp/base-worker-nspawn"))
-MIRROR = "http://deb.debian.org/debian"
+APT_SOURCES = Path("/etc/apt")
 SUITE = "bookworm"
 # procps: /bin/kill for the unit's ExecReload= (on every normal Debian install, not in minbase).
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "procps", "python3", "python3-venv")
-# Stored inside the cached root; a root built from another recipe is rebuilt.
-RECIPE = f"debootstrap --variant=minbase --include={','.join(PACKAGES)} {SUITE} ROOT {MIRROR}\n"
 RECIPE_FILE = ".base-worker-recipe"
 CONTAINER_ENV = (
     "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -38,6 +37,47 @@ class ContainerError(RuntimeError):
     """The container could not be built, booted or driven."""
 
 
+def _source_entries(apt: Path) -> Iterator[tuple[str, list[str]]]:
+    """(URI, suites) of every enabled `deb` source, one-line .list and deb822 .sources alike."""
+    lists = [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*.list"))]
+    for path in lists:
+        with contextlib.suppress(OSError):
+            for line in path.read_text().splitlines():
+                words = line.split("#", 1)[0].split()
+                if words[:1] == ["deb"]:
+                    if len(words) > 1 and words[1].startswith("["):  # [arch=amd64 signed-by=...]
+                        while words and not words[1].endswith("]"):
+                            del words[1]
+                        del words[1]
+                    if len(words) >= 3:
+                        yield words[1], [words[2]]
+    for path in sorted((apt / "sources.list.d").glob("*.sources")):
+        with contextlib.suppress(OSError):
+            for stanza in re.split(r"\n\s*\n", path.read_text()):
+                fields: dict[str, str] = {}
+                for line in stanza.splitlines():
+                    if line.startswith("#") or ":" not in line or line[0].isspace():
+                        continue
+                    key, value = line.split(":", 1)
+                    fields[key.strip().lower()] = value.strip()
+                if "deb" in fields.get("types", "").split() and fields.get("enabled") != "no":
+                    for uri in fields.get("uris", "").split():
+                        yield uri, fields.get("suites", "").split()
+
+
+def debian_mirror(apt: Path = APT_SOURCES) -> str | None:
+    """This machine's Debian mirror for SUITE, from its apt sources; None if it has none."""
+    for uri, suites in _source_entries(apt):
+        if SUITE in suites:
+            return uri.rstrip("/")
+    return None
+
+
+def recipe(mirror: str) -> str:
+    """Stored inside the cached root; a root built from another recipe is rebuilt."""
+    return f"debootstrap --variant=minbase --include={','.join(PACKAGES)} {SUITE} ROOT {mirror}\n"
+
+
 def unavailable_reason() -> str | None:
     """Why a container cannot be started on this machine, or None if it can."""
     if os.geteuid() != 0:
@@ -45,8 +85,12 @@ def unavailable_reason() -> str | None:
     for tool in ("systemd-nspawn", "nsenter"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (run .ci/system-deps as root)"
-    if not _root_is_current(CACHE_DIR / f"{SUITE}-root") and shutil.which("debootstrap") is None:
+    if _root_is_current(CACHE_DIR / f"{SUITE}-root"):
+        return None
+    if shutil.which("debootstrap") is None:
         return "debootstrap is not installed and no cached root exists (run .ci/system-deps)"
+    if debian_mirror() is None:
+        return f"no cached root, and no Debian {SUITE} source in {APT_SOURCES} to build one from"
     return None
 
 
@@ -69,10 +113,12 @@ def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval:
 
 
 def _root_is_current(root: Path) -> bool:
+    """A cached root counts as current when it was built from this recipe, from any mirror."""
     try:
-        return (root / RECIPE_FILE).read_text() == RECIPE
+        built = (root / RECIPE_FILE).read_text()
     except OSError:
         return False
+    return built.rsplit(" ", 1)[0] == recipe("").rsplit(" ", 1)[0]
 
 
 def sweep_stale_copies() -> None:
@@ -108,9 +154,14 @@ def ensure_root(log: Callable[[str], None] = print) -> Path:
             return root
         for stale in CACHE_DIR.glob("build.*"):
             shutil.rmtree(stale, ignore_errors=True)
+        mirror = debian_mirror()
+        if mirror is None:
+            raise ContainerError(f"no Debian {SUITE} source in {APT_SOURCES} to debootstrap from")
         build = Path(tempfile.mkdtemp(prefix="build.", dir=CACHE_DIR))
         target = build / "root"
-        log(f"building {root} with debootstrap (cached for later runs)")
+        log(
+            f"building {root} with debootstrap from {mirror} (a few minutes, cached for later runs)"
+        )
         started = time.monotonic()
         cmd = [
             "debootstrap",
@@ -118,14 +169,13 @@ def ensure_root(log: Callable[[str], None] = print) -> Path:
             f"--include={','.join(PACKAGES)}",
             SUITE,
             str(target),
-            MIRROR,
+            mirror,
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            tail = (proc.stdout + proc.stderr)[-3000:]
+        returncode, tail = _run_with_progress(cmd, log, started)
+        if returncode != 0:
             shutil.rmtree(build, ignore_errors=True)
-            raise ContainerError(f"debootstrap failed ({proc.returncode}):\n{tail}")
-        (target / RECIPE_FILE).write_text(RECIPE)
+            raise ContainerError(f"debootstrap failed ({returncode}):\n{tail}")
+        (target / RECIPE_FILE).write_text(recipe(mirror))
         if root.exists():
             old = build / "old"
             root.rename(old)
@@ -135,12 +185,37 @@ def ensure_root(log: Callable[[str], None] = print) -> Path:
         return root
 
 
+def _run_with_progress(
+    cmd: Sequence[str], log: Callable[[str], None], started: float
+) -> tuple[int, str]:
+    """Run debootstrap, logging its first line of each kind (Retrieving, Extracting, ...) and one
+    line every 10 s; return its exit code and the tail of its output."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    tail: list[str] = []
+    seen: set[str] = set()
+    last_logged = 0.0
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail = [*tail[-40:], line]
+        kind = line.split()[1] if line.startswith("I: ") and len(line.split()) > 1 else ""
+        now = time.monotonic()
+        if kind and (kind not in seen or now - last_logged > 10):
+            seen.add(kind)
+            last_logged = now
+            log(f"  debootstrap {now - started:4.0f}s  {line[3:]}")
+    return proc.wait(), "\n".join(tail)
+
+
 class Container:
     """A booted container: ``run`` executes commands inside it through nsenter."""
 
-    def __init__(self, root: Path, binds: Sequence[tuple[Path, str]] = ()):
+    def __init__(
+        self, root: Path, binds: Sequence[tuple[Path, str]] = (), private_network: bool = False
+    ):
         self.root = root
         self.binds = list(binds)
+        self.private_network = private_network
         self._log_dir = Path(tempfile.mkdtemp(prefix="base-worker-nspawn-log."))
         self.log_path = self._log_dir / "console.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -160,6 +235,8 @@ class Container:
             f"--machine=base-worker-test-{os.getpid()}",
         ]
         cmd += [f"--bind-ro={host}:{inside}" for host, inside in self.binds]
+        if self.private_network:  # only its own loopback: fixed ports cannot clash with the host
+            cmd.append("--private-network")
         cmd.append("-b")
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -259,11 +336,27 @@ class Container:
 
 
 @contextlib.contextmanager
-def booted(root: Path, binds: Sequence[tuple[Path, str]] = ()) -> Iterator[Container]:
+def booted(
+    root: Path, binds: Sequence[tuple[Path, str]] = (), private_network: bool = False
+) -> Iterator[Container]:
     """A booted container on a throw-away copy of ``root``, powered off on exit."""
-    container = Container(root, binds)
+    container = Container(root, binds, private_network)
     try:
         container.start()
         yield container
     finally:
         container.stop()
+
+
+def main() -> None:
+    """`python -m tests.systemd.nspawn` (make test): build the cached root now, with progress,
+    rather than silently inside the first system test."""
+    reason = unavailable_reason()
+    if reason:
+        print(f"nspawn: no container root, the systemd tests will skip: {reason}")
+        return
+    print(f"nspawn: container root {ensure_root(log=print)} ready")
+
+
+if __name__ == "__main__":
+    main()
