@@ -25,6 +25,7 @@ FLOORS: dict[str, int] = {
     "config": 2,
     "functions": 2,
     "parts": 3,
+    "journal": 3,
     "__init__": 3,
     "auth": 3,
     "responses": 3,
