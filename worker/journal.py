@@ -33,6 +33,7 @@ State = Literal["queued", "running", "done", "delivered", "dead"]
 Op = Callable[[sqlite3.Connection], Any]
 
 CLEANUP_EVERY = 60.0  # seconds between removals of delivered rows past their retention
+RETRY_EVERY = 1.0  # seconds between tries of state changes a write failure held back
 
 # Applied in order; the database's `PRAGMA user_version` is how many have been applied.
 MIGRATIONS: list[str] = [
@@ -135,6 +136,7 @@ class Journal(Part):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
         self._vacuum_due = False  # writer thread only: rows deleted since the last vacuum
+        self._unwritten: list[Op] = []  # writer thread only: state changes a failure held back
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -346,21 +348,36 @@ class Journal(Part):
         self._loop.call_soon_threadsafe(self._settle, opened, None)
         next_cleanup = time.monotonic() + CLEANUP_EVERY
         while True:
+            wait = next_cleanup - time.monotonic()
+            if self._unwritten:
+                wait = min(wait, RETRY_EVERY)
             try:
-                batch = self._batches.get(timeout=max(0.0, next_cleanup - time.monotonic()))
+                batch = self._batches.get(timeout=max(0.0, wait))
             except queue.Empty:
-                self._write([(self._expire, None)])
-                next_cleanup = time.monotonic() + CLEANUP_EVERY
-                continue
+                batch = []
+                if time.monotonic() >= next_cleanup:
+                    batch = [(self._expire, None)]
+                    next_cleanup = time.monotonic() + CLEANUP_EVERY
             if batch is None:
                 break
             self._write(batch)
+        if self._unwritten:
+            self._write([])
+        if self._unwritten:
+            _log.error(
+                "task journal closed with state changes unwritten",
+                path=str(self.path),
+                unwritten=len(self._unwritten),
+            )
         self._conn.close()
 
     def _write(self, batch: list[tuple[Op, asyncio.Future[Any] | None]]) -> None:
-        """One transaction for the whole batch; on a failure every op in it fails."""
+        """One transaction for the whole batch; on a failure every op in it fails, and the
+        state changes among them are kept to be tried again first (their order matters)."""
         assert self._conn is not None and self._loop is not None
         conn = self._conn
+        batch = [(op, None) for op in self._unwritten] + batch
+        self._unwritten = []
         results: list[Any] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -377,6 +394,7 @@ class Journal(Part):
             self._failed(exc)
             error = JournalUnavailable(f"task journal cannot be written: {exc}")
             results = [error] * len(batch)
+            self._unwritten = [op for op, future in batch if future is None]
         else:
             self.commits += 1
             if self.last_error is not None:
