@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,11 +63,6 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-_COLUMNS = (
-    "task_id, seq, function, params, priority, url, headers, idempotency_key, state, body,"
-    " attempts, last_error, accepted_at, failed_at"
-)
-
 
 @dataclass(frozen=True, kw_only=True)
 class Entry:
@@ -93,23 +88,17 @@ class JournalUnavailable(Exception):
     """The journal cannot be written now; the caller answers 503."""
 
 
+_FIELDS = [field.name for field in fields(Entry)]
+_COLUMNS = ", ".join(_FIELDS)  # the columns that make an Entry, in its fields' order
+
+
 def _entry(row: tuple[Any, ...]) -> Entry:
-    return Entry(
-        task_id=row[0],
-        seq=row[1],
-        function=row[2],
-        params=json.loads(row[3]),
-        priority=row[4],
-        url=row[5],
-        headers=json.loads(row[6]),
-        idempotency_key=row[7],
-        state=row[8],
-        body=row[9],
-        attempts=row[10],
-        last_error=row[11],
-        accepted_at=row[12],
-        failed_at=row[13],
+    values = dict(zip(_FIELDS, row, strict=True))
+    values["params"], values["headers"] = (
+        json.loads(values["params"]),
+        json.loads(values["headers"]),
     )
+    return Entry(**values)
 
 
 def _ids_clause(task_ids: list[str] | None) -> tuple[str, list[str]]:
@@ -147,7 +136,11 @@ class Journal(Part):
         self._thread = threading.Thread(target=self._run, args=(opened,), name="journal")
         self._thread.daemon = True  # a stuck disk must not keep the process alive past stop()
         self._thread.start()
-        await opened
+        try:
+            await opened
+        except BaseException:
+            self._thread = None  # the writer has ended: nothing may wait on it
+            raise
 
     async def stop(self, deadline: float) -> None:
         """Write what is pending, then close; never raises."""
@@ -180,6 +173,7 @@ class Journal(Part):
     async def admit(self, entry: Entry) -> Entry | None:
         """Journal a new queued task and return once committed; when its idempotency key is
         already known, write nothing and return the existing entry."""
+        params, headers = json.dumps(entry.params), json.dumps(entry.headers)
 
         def op(conn: sqlite3.Connection) -> Entry | None:
             if entry.idempotency_key is not None:
@@ -195,10 +189,10 @@ class Journal(Part):
                 (
                     entry.task_id,
                     entry.function,
-                    json.dumps(entry.params),
+                    params,
                     entry.priority,
                     entry.url,
-                    json.dumps(entry.headers),
+                    headers,
                     entry.idempotency_key,
                     entry.accepted_at,
                 ),
@@ -241,20 +235,13 @@ class Journal(Part):
         clause, args = _ids_clause(task_ids)
 
         def op(conn: sqlite3.Connection) -> list[Entry]:
-            rows = conn.execute(
-                f"SELECT task_id FROM tasks WHERE state = 'dead'{clause}", args
-            ).fetchall()
-            conn.execute(
-                f"UPDATE tasks SET state = 'done', failed_at = NULL WHERE state = 'dead'{clause}",
-                args,
-            )
-            ids = [row[0] for row in rows]
+            where = f"WHERE state = 'dead'{clause}"
             found = conn.execute(
-                f"SELECT {_COLUMNS} FROM tasks WHERE task_id IN ({','.join('?' * len(ids))})"
-                " ORDER BY priority, seq",
-                ids,
+                f"SELECT {_COLUMNS} FROM tasks {where} ORDER BY priority, seq", args
             )
-            return [_entry(row) for row in found]
+            entries = [replace(_entry(row), state="done", failed_at=None) for row in found]
+            conn.execute(f"UPDATE tasks SET state = 'done', failed_at = NULL {where}", args)
+            return entries
 
         result: list[Entry] = await self._call(op)
         return result
@@ -289,11 +276,8 @@ class Journal(Part):
         return await self._select("state = 'dead'")
 
     async def count_dead(self) -> int:
-        count: int = await self._call(
-            lambda conn: conn.execute("SELECT count(*) FROM tasks WHERE state = 'dead'").fetchone()[
-                0
-            ]
-        )
+        sql = "SELECT count(*) FROM tasks WHERE state = 'dead'"
+        count: int = await self._call(lambda conn: conn.execute(sql).fetchone()[0])
         return count
 
     async def _select(self, condition: str) -> list[Entry]:
@@ -386,6 +370,10 @@ class Journal(Part):
                     results.append(op(conn))
                 except sqlite3.IntegrityError as exc:  # this op's own fault (a reused task_id)
                     results.append(JournalUnavailable(f"task journal refused the task: {exc}"))
+                except sqlite3.Error:
+                    raise  # the file's fault: the whole group fails
+                except Exception as exc:  # a bug in one op must not stop the writer
+                    results.append(exc)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
