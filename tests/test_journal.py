@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from tests.conftest import wait_for
+from worker import journal as journal_module
 from worker.journal import MIGRATIONS, Entry, Journal, JournalUnavailable
 
 
@@ -279,3 +281,46 @@ async def test_delivered_rows_within_retention_are_kept(journal: Journal) -> Non
     journal.delivered("t")
     assert await journal.cleanup() == 0
     assert sorted(rows(journal.path)) == ["t"]
+
+
+async def test_a_damaged_page_fails_the_check_and_is_moved_aside(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.sqlite3"
+    journal = Journal(path, retention=3600)
+    await journal.start()
+    await asyncio.gather(
+        *(journal.admit(entry(f"t{n}", params={"p": "x" * 500})) for n in range(200))
+    )
+    await journal.stop(stop_deadline())
+    damage(path)
+    again = Journal(path, retention=3600)
+    with capture_logs() as logged:
+        await again.start()
+    try:
+        assert len(moved_aside(tmp_path)) == 1
+        assert [e["event"] for e in logged if e["log_level"] == "error"] == [
+            "task journal is corrupt; moved aside, starting a fresh one"
+        ]
+        assert await again.resumable() == []
+    finally:
+        await again.stop(stop_deadline())
+
+
+def damage(path: Path) -> None:
+    """Overwrite the pages after the first (the header stays valid, the b-trees do not)."""
+    with path.open("r+b") as file:
+        file.seek(4096 * 2)
+        file.write(b"\xa5" * 4096 * 4)
+
+
+async def test_the_writer_removes_expired_rows_by_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "CLEANUP_EVERY", 0.05)
+    journal = Journal(tmp_path / "tasks.sqlite3", retention=0)
+    await journal.start()
+    try:
+        await journal.admit(entry("t"))
+        journal.delivered("t")
+        await wait_for(lambda: rows(journal.path) == {})
+    finally:
+        await journal.stop(stop_deadline())
