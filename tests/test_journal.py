@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import wait_for
+from tests.conftest import ROOT, wait_for
 from worker import journal as journal_module
 from worker.journal import MIGRATIONS, Entry, Journal, JournalUnavailable
 
@@ -324,3 +327,67 @@ async def test_the_writer_removes_expired_rows_by_itself(
         await wait_for(lambda: rows(journal.path) == {})
     finally:
         await journal.stop(stop_deadline())
+
+
+FULL_DISK_SCRIPT = """
+import asyncio, json, sys, time
+from pathlib import Path
+from worker.journal import Entry, Journal, JournalUnavailable
+
+def entry(task_id):
+    return Entry(task_id=task_id, function="hello", params={"p": "x" * 100_000}, priority=1,
+                 url="http://h/", headers={}, idempotency_key=None, accepted_at=time.time())
+
+async def main(directory):
+    journal = Journal(directory / "tasks.sqlite3", retention=3600)
+    await journal.start()
+    await journal.admit(entry("before"))
+    filler = directory / "filler"
+    try:
+        with filler.open("wb") as file:
+            while True:
+                file.write(b"f" * 4096)
+                file.flush()
+    except OSError:
+        pass
+    errors = []
+    for n in range(3):
+        try:
+            await journal.admit(entry(f"lost{n}"))
+        except JournalUnavailable as exc:
+            errors.append(str(exc))
+    filler.unlink()
+    after = await journal.admit(entry("after"))
+    kept = [e.task_id for e in await journal.resumable()]
+    await journal.stop(asyncio.get_running_loop().time() + 5)
+    print(json.dumps({"errors": errors, "after": after, "kept": kept}))
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
+def test_a_full_disk_answers_unavailable_then_recovers(tmp_path: Path) -> None:
+    """A real ENOSPC: the journal on a 1 MiB tmpfs mounted in a private mount namespace."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    command = f'mount -t tmpfs -o size=1m,mode=700 tmpfs {mount} && exec "$0" -c "$1" {mount}'
+    try:
+        ran = subprocess.run(
+            ["unshare", "-m", "sh", "-c", command, sys.executable, FULL_DISK_SCRIPT],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
+    except FileNotFoundError:
+        pytest.skip("no unshare")
+    if ran.returncode != 0 and ("unshare" in ran.stderr or "mount" in ran.stderr):
+        pytest.skip(f"cannot mount a tmpfs here: {ran.stderr.strip()}")
+    assert ran.returncode == 0, ran.stderr
+    outcome = json.loads(ran.stdout.splitlines()[-1])
+    assert len(outcome["errors"]) == 3 and all("full" in e for e in outcome["errors"]), outcome
+    assert outcome["after"] is None and outcome["kept"] == ["before", "after"]
+    logged = ran.stdout.splitlines()[:-1]  # the log lines, then the outcome
+    assert len(logged) == 2, logged
+    assert "task journal cannot be written" in logged[0] and "disk is full" in logged[0]
+    assert "task journal is writable again" in logged[1]
