@@ -6,6 +6,11 @@ returns once its group is committed, the state changes are fire-and-forget but a
 
 Durability: WAL with `synchronous=NORMAL`. A committed transaction survives a crash or kill -9
 of the process; an OS crash or power loss may lose the last few commits (never corrupt the file).
+
+When a group cannot be committed (disk full, read-only, I/O error), its admits raise
+JournalUnavailable, the cause is logged once per outage, and its state changes are kept and tried
+again before anything newer. A file that is not a database or fails `quick_check` at start is
+moved aside and a fresh one begun; a path that cannot be opened at all fails `start()`.
 """
 
 from __future__ import annotations
