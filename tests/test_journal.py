@@ -391,3 +391,46 @@ def test_a_full_disk_answers_unavailable_then_recovers(tmp_path: Path) -> None:
     assert len(logged) == 2, logged
     assert "task journal cannot be written" in logged[0] and "disk is full" in logged[0]
     assert "task journal is writable again" in logged[1]
+
+
+KILLED_SCRIPT = """
+import asyncio, sys, time
+from pathlib import Path
+from worker.journal import Entry, Journal
+
+async def main(path):
+    journal = Journal(path, retention=3600)
+    await journal.start()
+    admits = [
+        journal.admit(Entry(task_id=f"t{n}", function="hello", params={}, priority=1,
+                            url="http://h/", headers={}, idempotency_key=None, accepted_at=0.0))
+        for n in range(20)
+    ]
+    await asyncio.gather(*admits)
+    journal.running("t0")
+    await journal.resumable()  # the state change is committed once this read has run
+    print("committed", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
+def test_what_admit_committed_survives_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.sqlite3"
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_SCRIPT, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "committed\n"
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+    found = rows(path)
+    assert len(found) == 20 and found["t0"][0] == "running"
