@@ -30,6 +30,7 @@ FLOORS: dict[str, int] = {
     "auth": 3,
     "responses": 3,
     "slots": 4,
+    "journal": 4,  # a Part: above parts, below the webhook mode that will use it
     "logs": 4,
     "runner": 4,
     "server": 4,

@@ -1,0 +1,481 @@
+"""The durable store of webhook-mode tasks: `<state_dir>/tasks.sqlite3`.
+
+One thread owns the SQLite connection, so the event loop never waits on the disk. Everything
+submitted during one event-loop turn is written in one transaction (group commit): `admit`
+returns once its group is committed, the state changes are fire-and-forget but applied in order.
+
+Durability: WAL with `synchronous=NORMAL`. A committed transaction survives a crash or kill -9
+of the process; an OS crash or power loss may lose the last few commits (never corrupt the file).
+
+When a group cannot be committed (disk full, read-only, I/O error), its admits raise
+JournalUnavailable, the cause is logged once per outage, and its state changes are kept and tried
+again before anything newer. A file that is not a database or fails `quick_check` at start is
+moved aside and a fresh one begun; a path that cannot be opened at all fails `start()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+
+from worker.parts import Part
+
+_log = structlog.get_logger("worker.journal")
+
+State = Literal["queued", "running", "done", "delivered", "dead"]
+Op = Callable[[sqlite3.Connection], Any]
+
+CLEANUP_EVERY = 60.0  # seconds between removals of delivered rows past their retention
+RETRY_EVERY = 1.0  # seconds between tries of state changes a write failure held back
+
+# Applied in order; the database's `PRAGMA user_version` is how many have been applied.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE tasks (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_id TEXT NOT NULL UNIQUE,
+        function TEXT NOT NULL,
+        params TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        url TEXT NOT NULL,
+        headers TEXT NOT NULL,
+        idempotency_key TEXT,
+        state TEXT NOT NULL,
+        body BLOB,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        accepted_at REAL NOT NULL,
+        failed_at REAL,
+        delivered_at REAL
+    );
+    CREATE INDEX tasks_by_state ON tasks (state, priority, seq);
+    """,
+    """
+    CREATE UNIQUE INDEX tasks_by_idempotency_key ON tasks (idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    """,
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Entry:
+    """One journaled webhook task. `seq` (admission order) is given by the journal."""
+
+    task_id: str
+    function: str
+    params: dict[str, Any]
+    priority: int
+    url: str
+    headers: dict[str, str]  # the task's own webhook headers: may hold credentials
+    idempotency_key: str | None
+    accepted_at: float
+    seq: int = 0
+    state: State = "queued"
+    body: bytes | None = None  # the exact delivery body once done
+    attempts: int = 0
+    last_error: str | None = None
+    failed_at: float | None = None
+
+
+class JournalUnavailable(Exception):
+    """The journal cannot be written now; the caller answers 503."""
+
+
+_FIELDS = [field.name for field in fields(Entry)]
+_COLUMNS = ", ".join(_FIELDS)  # the columns that make an Entry, in its fields' order
+
+
+def _entry(row: tuple[Any, ...]) -> Entry:
+    values = dict(zip(_FIELDS, row, strict=True))
+    values["params"], values["headers"] = (
+        json.loads(values["params"]),
+        json.loads(values["headers"]),
+    )
+    return Entry(**values)
+
+
+def _ids_clause(task_ids: list[str] | None) -> tuple[str, list[str]]:
+    if task_ids is None:
+        return "", []
+    return f" AND task_id IN ({','.join('?' * len(task_ids))})", list(task_ids)
+
+
+class Journal(Part):
+    """The webhook tasks, from admission until delivered (kept `retention` seconds) or dead."""
+
+    name = "task journal"
+
+    def __init__(self, path: Path, retention: float) -> None:
+        self.path = path
+        self.retention = retention
+        self.commits = 0  # transactions committed by the writer (tests count group commits)
+        self.last_error: str | None = None
+        self._counts: dict[str, int] = {}
+        self._pending: list[tuple[Op, asyncio.Future[Any] | None]] = []
+        self._batches: queue.Queue[list[tuple[Op, asyncio.Future[Any] | None]] | None]
+        self._batches = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._vacuum_due = False  # writer thread only: rows deleted since the last vacuum
+        self._unwritten: list[Op] = []  # writer thread only: state changes a failure held back
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open (moving a corrupt file aside), migrate, remove expired rows, start the writer."""
+        self._loop = asyncio.get_running_loop()
+        opened: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(opened,), name="journal")
+        self._thread.daemon = True  # a stuck disk must not keep the process alive past stop()
+        self._thread.start()
+        try:
+            await opened
+        except BaseException:
+            self._thread = None  # the writer has ended: nothing may wait on it
+            raise
+
+    async def stop(self, deadline: float) -> None:
+        """Write what is pending, then close; never raises."""
+        if self._thread is None:
+            return
+        self._flush()
+        self._batches.put(None)
+        assert self._loop is not None
+        timeout = max(0.0, deadline - self._loop.time())
+        await asyncio.to_thread(self._thread.join, timeout)
+        if self._thread.is_alive():
+            _log.error("task journal did not finish writing by the deadline", path=str(self.path))
+        self._thread = None
+
+    def health(self) -> dict[str, Any]:
+        counts = self._counts
+        return {
+            "journal": {
+                "path": str(self.path),
+                "queued": counts.get("queued", 0),
+                "running": counts.get("running", 0),
+                "done": counts.get("done", 0),
+                "dead": counts.get("dead", 0),
+                "lastError": self.last_error,
+            }
+        }
+
+    # -- writes -----------------------------------------------------------------------------
+
+    async def admit(self, entry: Entry) -> Entry | None:
+        """Journal a new queued task and return once committed; when its idempotency key is
+        already known, write nothing and return the existing entry."""
+        params, headers = json.dumps(entry.params), json.dumps(entry.headers)
+
+        def op(conn: sqlite3.Connection) -> Entry | None:
+            if entry.idempotency_key is not None:
+                row = conn.execute(
+                    f"SELECT {_COLUMNS} FROM tasks WHERE idempotency_key = ?",
+                    (entry.idempotency_key,),
+                ).fetchone()
+                if row is not None:
+                    return _entry(row)
+            conn.execute(
+                "INSERT INTO tasks (task_id, function, params, priority, url, headers,"
+                " idempotency_key, state, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+                (
+                    entry.task_id,
+                    entry.function,
+                    params,
+                    entry.priority,
+                    entry.url,
+                    headers,
+                    entry.idempotency_key,
+                    entry.accepted_at,
+                ),
+            )
+            return None
+
+        result: Entry | None = await self._call(op)
+        return result
+
+    def running(self, task_id: str) -> None:
+        self._update("state = 'running'", "state = 'queued'", task_id)
+
+    def done(self, task_id: str, body: bytes) -> None:
+        self._update("state = 'done', body = ?", "state IN ('queued', 'running')", task_id, body)
+
+    def attempted(self, task_id: str, attempts: int, error: str | None) -> None:
+        self._update("attempts = ?, last_error = ?", "1", task_id, attempts, error)
+
+    def delivered(self, task_id: str) -> None:
+        self._update(
+            "state = 'delivered', body = NULL, delivered_at = ?", "1", task_id, time.time()
+        )
+
+    def dead(self, task_id: str, error: str, attempts: int) -> None:
+        self._update(
+            "state = 'dead', last_error = ?, attempts = ?, failed_at = ?",
+            "1",
+            task_id,
+            error,
+            attempts,
+            time.time(),
+        )
+
+    def _update(self, assignments: str, condition: str, task_id: str, *values: Any) -> None:
+        sql = f"UPDATE tasks SET {assignments} WHERE task_id = ? AND {condition}"
+        self._submit(lambda conn: conn.execute(sql, (*values, task_id)), None)
+
+    async def redeliver(self, task_ids: list[str] | None) -> list[Entry]:
+        """Dead letters (all when None) back to done, attempts kept; returns them."""
+        clause, args = _ids_clause(task_ids)
+
+        def op(conn: sqlite3.Connection) -> list[Entry]:
+            where = f"WHERE state = 'dead'{clause}"
+            found = conn.execute(
+                f"SELECT {_COLUMNS} FROM tasks {where} ORDER BY priority, seq", args
+            )
+            entries = [replace(_entry(row), state="done", failed_at=None) for row in found]
+            conn.execute(f"UPDATE tasks SET state = 'done', failed_at = NULL {where}", args)
+            return entries
+
+        result: list[Entry] = await self._call(op)
+        return result
+
+    async def purge(self, task_ids: list[str] | None) -> int:
+        """Remove dead letters (all when None); returns how many."""
+        clause, args = _ids_clause(task_ids)
+
+        def op(conn: sqlite3.Connection) -> int:
+            removed: int = conn.execute(
+                f"DELETE FROM tasks WHERE state = 'dead'{clause}", args
+            ).rowcount
+            self._vacuum_due = self._vacuum_due or removed > 0
+            return removed
+
+        removed: int = await self._call(op)
+        return removed
+
+    async def cleanup(self) -> int:
+        """Remove delivered rows past their retention now (the writer also does it every
+        minute); returns how many."""
+        removed: int = await self._call(self._expire)
+        return removed
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def resumable(self) -> list[Entry]:
+        """Queued, running and done tasks, in the order to resume them: priority, then seq."""
+        return await self._select("state IN ('queued', 'running', 'done')")
+
+    async def dead_letters(self) -> list[Entry]:
+        return await self._select("state = 'dead'")
+
+    async def count_dead(self) -> int:
+        sql = "SELECT count(*) FROM tasks WHERE state = 'dead'"
+        count: int = await self._call(lambda conn: conn.execute(sql).fetchone()[0])
+        return count
+
+    async def _select(self, condition: str) -> list[Entry]:
+        sql = f"SELECT {_COLUMNS} FROM tasks WHERE {condition} ORDER BY priority, seq"
+        entries: list[Entry] = await self._call(
+            lambda conn: [_entry(row) for row in conn.execute(sql)]
+        )
+        return entries
+
+    # -- the event loop's side of the writer ------------------------------------------------
+
+    async def _call(self, op: Op) -> Any:
+        if self._loop is None or self._thread is None:
+            raise JournalUnavailable("the task journal is not open")
+        future = self._loop.create_future()
+        self._submit(op, future)
+        return await future
+
+    def _submit(self, op: Op, future: asyncio.Future[Any] | None) -> None:
+        if self._loop is None or self._thread is None:
+            _log.error("task journal is not open; a state change is lost", path=str(self.path))
+            return
+        if not self._pending:
+            self._loop.call_soon(self._flush)  # after everything else this turn submits
+        self._pending.append((op, future))
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._batches.put(self._pending)
+            self._pending = []
+
+    def _settle(self, future: asyncio.Future[Any], result: Any) -> None:
+        if future.cancelled():
+            return
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    # -- the writer thread ------------------------------------------------------------------
+
+    def _run(self, opened: asyncio.Future[None]) -> None:
+        assert self._loop is not None
+        try:
+            self._conn = self._open()
+            self._expire(self._conn)
+            self._vacuum(self._conn)
+            self._count(self._conn)
+        except BaseException as exc:
+            self._loop.call_soon_threadsafe(self._settle, opened, exc)
+            return
+        self._loop.call_soon_threadsafe(self._settle, opened, None)
+        next_cleanup = time.monotonic() + CLEANUP_EVERY
+        while True:
+            wait = next_cleanup - time.monotonic()
+            if self._unwritten:
+                wait = min(wait, RETRY_EVERY)
+            try:
+                batch = self._batches.get(timeout=max(0.0, wait))
+            except queue.Empty:
+                batch = []
+                if time.monotonic() >= next_cleanup:
+                    batch = [(self._expire, None)]
+                    next_cleanup = time.monotonic() + CLEANUP_EVERY
+            if batch is None:
+                break
+            self._write(batch)
+        if self._unwritten:
+            self._write([])
+        if self._unwritten:
+            _log.error(
+                "task journal closed with state changes unwritten",
+                path=str(self.path),
+                unwritten=len(self._unwritten),
+            )
+        self._conn.close()
+
+    def _write(self, batch: list[tuple[Op, asyncio.Future[Any] | None]]) -> None:
+        """One transaction for the whole batch; on a failure every op in it fails, and the
+        state changes among them are kept to be tried again first (their order matters)."""
+        assert self._conn is not None and self._loop is not None
+        conn = self._conn
+        batch = [(op, None) for op in self._unwritten] + batch
+        self._unwritten = []
+        results: list[Any] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, _ in batch:
+                try:
+                    results.append(op(conn))
+                except sqlite3.IntegrityError as exc:  # this op's own fault (a reused task_id)
+                    results.append(JournalUnavailable(f"task journal refused the task: {exc}"))
+                except sqlite3.Error:
+                    raise  # the file's fault: the whole group fails
+                except Exception as exc:  # a bug in one op must not stop the writer
+                    results.append(exc)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            self._failed(exc)
+            error = JournalUnavailable(f"task journal cannot be written: {exc}")
+            results = [error] * len(batch)
+            self._unwritten = [op for op, future in batch if future is None]
+        else:
+            self.commits += 1
+            if self.last_error is not None:
+                _log.info("task journal is writable again", path=str(self.path))
+                self.last_error = None
+            self._count(conn)
+            if self._vacuum_due:
+                try:
+                    self._vacuum(conn)
+                except sqlite3.Error as exc:  # the rows are gone; only the space waits
+                    _log.warning("task journal vacuum failed", reason=str(exc))
+        for (_, future), result in zip(batch, results, strict=True):
+            if future is not None:
+                self._loop.call_soon_threadsafe(self._settle, future, result)
+
+    def _failed(self, exc: sqlite3.Error) -> None:
+        if self.last_error is None:  # once per outage, not once per request
+            _log.error("task journal cannot be written", path=str(self.path), reason=str(exc))
+        self.last_error = str(exc)
+
+    def _count(self, conn: sqlite3.Connection) -> None:
+        rows = conn.execute("SELECT state, count(*) FROM tasks GROUP BY state")
+        self._counts = {state: n for state, n in rows}
+
+    def _expire(self, conn: sqlite3.Connection) -> int:
+        """Delete delivered rows past retention and give their pages back to the file system."""
+        before = time.time() - self.retention
+        removed: int = conn.execute(
+            "DELETE FROM tasks WHERE state = 'delivered' AND delivered_at <= ?", (before,)
+        ).rowcount
+        self._vacuum_due = self._vacuum_due or removed > 0
+        return removed
+
+    def _vacuum(self, conn: sqlite3.Connection) -> None:
+        """Free pages go back to the file system (auto_vacuum=INCREMENTAL), and the WAL is
+        folded into the file and truncated, so steady load keeps both bounded."""
+        self._vacuum_due = False
+        conn.execute("PRAGMA incremental_vacuum").fetchall()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(self.path, 0o600)  # it holds webhook headers, which may be credentials
+        except OSError as exc:
+            raise OSError(f"cannot open task journal {self.path}: {exc.strerror}") from None
+        try:
+            return self._connect()
+        except sqlite3.OperationalError:
+            raise  # cannot open or lock: not the file's fault, so keep it
+        except sqlite3.DatabaseError as exc:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            for suffix in ("", "-wal", "-shm"):
+                source = Path(f"{self.path}{suffix}")
+                if source.exists():
+                    source.rename(f"{aside}{suffix}")
+            _log.error(
+                "task journal is corrupt; moved aside, starting a fresh one",
+                path=str(self.path),
+                moved_to=str(aside),
+                reason=str(exc),
+            )
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None)  # transactions are ours
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only before the first table
+            conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA journal_size_limit = 4194304")  # a WAL truncated past 4 MiB
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {check}")
+            if version > len(MIGRATIONS):
+                raise RuntimeError(
+                    f"task journal {self.path} has schema version {version}, newer than this"
+                    f" worker's {len(MIGRATIONS)}"
+                )
+            for number in range(version, len(MIGRATIONS)):
+                conn.executescript(
+                    f"BEGIN; {MIGRATIONS[number]} PRAGMA user_version = {number + 1}; COMMIT;"
+                )
+        except BaseException:
+            conn.close()
+            raise
+        return conn
