@@ -104,7 +104,7 @@ async def test_status_for_people_and_for_scripts(daemon: Daemon) -> None:
     assert rows["version"] == __version__
     assert re.fullmatch(r"\d+s", rows["uptime"]), rows
     assert daemon.url in rows["worker"]
-    assert "dead letters" not in rows  # this daemon's /health does not report them
+    assert rows["dead letters"] == "0"
     values = [
         line.index(rows[label]) for label, line in zip(rows, result.out.splitlines(), strict=True)
     ]
@@ -370,17 +370,15 @@ async def test_url_with_the_key_in_the_environment(daemon: Daemon) -> None:
     assert result.code == 2  # one or the other
 
 
-async def test_dead_letters_on_a_worker_without_them_is_a_clear_error(daemon: Daemon) -> None:
+async def test_dead_letters_of_a_live_worker(daemon: Daemon) -> None:
     config = ("--config", str(daemon.config_path))
-    for command in (
-        ["deadletters"],
-        ["deadletters", "redeliver", "--all"],
-        ["deadletters", "purge", "t1"],
-    ):
-        result = await ctl_run(*config, *command)
-        assert result.code == 1, result
-        assert "this worker has no dead letter endpoints" in result.err, result.err
-        assert "404" in result.err
+    result = await ctl_run(*config, "deadletters", "--json")
+    assert result.code == 0, result
+    assert json.loads(result.out) == {"count": 0, "deadletters": []}
+    result = await ctl_run(*config, "deadletters", "redeliver", "--all")
+    assert result.code == 0, result
+    result = await ctl_run(*config, "deadletters", "purge", "t1")
+    assert result.code == 0, result
     for usage in (["deadletters", "purge"], ["deadletters", "redeliver", "t1", "--all"]):
         result = await ctl_run(*config, *usage)
         assert result.code == 2, result
@@ -636,8 +634,7 @@ def test_the_status_screen_shows_what_the_health_has() -> None:
     assert len(values) == 1  # every value starts in one column
 
 
-def test_dead_letters_are_found_where_a_health_may_put_them() -> None:
+def test_dead_letters_are_read_from_webhooks_dead() -> None:
     assert ctl.dead_letter_count({"webhooks": {"pending": 0}}) is None
-    assert ctl.dead_letter_count({"deadLetters": 3}) == 3
-    assert ctl.dead_letter_count({"deadLetters": {"count": 4}}) == 4
-    assert ctl.dead_letter_count({"webhooks": {"deadletters": 0}}) == 0
+    assert ctl.dead_letter_count({"webhooks": {"pending": 0, "dead": 3}}) == 3
+    assert ctl.dead_letter_count({"webhooks": {"dead": True}}) is None

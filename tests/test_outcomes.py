@@ -18,6 +18,7 @@ PRODUCED: list[tuple[Outcome, Reason | None]] = [
     (Outcome.CANCELLED, Reason.CLIENT_GONE_QUEUED),  # tasks: Job.abandon
     (Outcome.CANCELLED, Reason.CLIENT_GONE_STREAMING),  # streaming: the client hung up
     (Outcome.CANCELLED, Reason.SHUTDOWN),  # tasks: cancel_all, or a cancel with no reason
+    (Outcome.CANCELLED, Reason.KEPT),  # webhooks: a drain leaves a journaled task queued
 ]
 
 
@@ -53,6 +54,7 @@ def test_an_ending_outside_the_table_is_a_key_error_not_a_default() -> None:
         (Outcome.CANCELLED, Reason.CLIENT_GONE_QUEUED, logging.INFO, 499),
         (Outcome.CANCELLED, Reason.CLIENT_GONE_STREAMING, logging.INFO, 499),
         (Outcome.CANCELLED, Reason.SHUTDOWN, logging.WARNING, 503),
+        (Outcome.CANCELLED, Reason.KEPT, logging.INFO, 503),
     ],
 )
 def test_log_level_and_http_status_of_each_ending(

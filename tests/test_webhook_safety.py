@@ -171,7 +171,12 @@ async def test_a_result_that_is_not_json_is_delivered_as_a_failure(
     assert delivered["task_id"] == task_id and delivered["success"] is False
     assert "result" not in delivered
     assert cause.lower() in delivered["error"].lower()
-    assert (await health(client))["webhooks"] == {"pending": 0, "delivered": 1, "failed": 0}
+    assert (await health(client))["webhooks"] == {
+        "pending": 0,
+        "delivered": 1,
+        "failed": 0,
+        "dead": 0,
+    }
     assert [line["event"] for line in logged if line["event"] == "webhook delivered"] == [
         "webhook delivered"
     ]

@@ -136,7 +136,12 @@ async def test_retries_on_503_until_accepted_with_signed_body_and_headers(
     gaps = [b.at - a.at for a, b in zip(hook.calls, hook.calls[1:], strict=False)]
     assert gaps[0] >= 0.05
     assert gaps[1] >= 0.1
-    assert (await health(client))["webhooks"] == {"pending": 0, "delivered": 1, "failed": 0}
+    assert (await health(client))["webhooks"] == {
+        "pending": 0,
+        "delivered": 1,
+        "failed": 0,
+        "dead": 0,
+    }
     # Every attempt and the outcome are logged, with no header value and no URL path.
     webhook_lines = [line for line in logged if str(line["event"]).startswith("webhook")]
     assert [(line["event"], line.get("attempt")) for line in webhook_lines] == [

@@ -127,6 +127,8 @@ class WebhookSection:
     deny: tuple[str, ...] = option((), env="WEBHOOK_DENY", unit="list")
     # URL prefixes: the configured headers (often credentials) are sent only to these targets.
     header_targets: tuple[str, ...] = option((), env="WEBHOOK_HEADER_TARGETS", unit="list")
+    # Seconds a delivered task stays in the journal (its Idempotency-Key is remembered as long).
+    retention: float = option(86400.0, env="WEBHOOK_RETENTION", minimum=1, restart=True)
 
 
 @dataclass(frozen=True)

@@ -237,17 +237,10 @@ def duration(seconds: float) -> str:
 
 
 def dead_letter_count(health: Mapping[str, Any]) -> int | None:
-    """The dead letters of a detailed /health, when the daemon reports them (else None)."""
+    """`webhooks.dead` of a detailed /health, when the daemon reports it (else None)."""
     webhooks = health.get("webhooks")
-    places = [health.get("deadLetters"), health.get("deadletters")]
-    if isinstance(webhooks, dict):
-        places += [webhooks.get("dead"), webhooks.get("deadLetters"), webhooks.get("deadletters")]
-    for value in places:
-        if isinstance(value, dict):
-            value = value.get("count")
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
+    value = webhooks.get("dead") if isinstance(webhooks, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _links(balancer: Mapping[str, Any], paint: Paint) -> tuple[str, str]:

@@ -9,6 +9,7 @@ from typing import Any
 
 from marshmallow import (
     EXCLUDE,
+    RAISE,
     Schema,
     ValidationError,
     fields,
@@ -21,7 +22,7 @@ from yarl import URL
 from worker import jsoncodec
 from worker.errors import BadRequest, NotFound
 from worker.functions import Registry
-from worker.params import validate_input
+from worker.params import StrictBoolean, validate_input
 from worker.targets import TargetPolicy, header_problems
 from worker.tasks import TaskSpec, WebhookTarget
 
@@ -77,6 +78,33 @@ class TaskEnvelopeSchema(Schema):
     def _webhook_for_mode(self, data: dict[str, Any], **kwargs: Any) -> None:
         if data.get("mode") == "webhook" and "webhook" not in data:
             raise ValidationError("Required in mode webhook.", "webhook")
+
+
+class DeadLetterSelectionSchema(Schema):
+    """The body of POST /deadletters/redeliver and /purge: some task ids, or all."""
+
+    class Meta:
+        unknown = RAISE
+
+    task_ids = fields.List(
+        fields.String(validate=validate.Length(1, 128)), validate=validate.Length(1, 10000)
+    )
+    all = StrictBoolean()
+
+    @validates_schema
+    def _one_of(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if ("task_ids" in data) == (data.get("all") is True):
+            raise ValidationError('Give either "task_ids" or "all": true.', "_schema")
+
+
+def dead_letter_selection(body: dict[str, Any]) -> list[str] | None:
+    """The task ids a dead-letter action names, or None for all; a 400 otherwise."""
+    try:
+        chosen = DeadLetterSelectionSchema().load(body)
+    except ValidationError as exc:
+        raise BadRequest("Invalid dead letter selection", details=_details(exc)) from None
+    task_ids: list[str] | None = chosen.get("task_ids")
+    return task_ids
 
 
 ENVELOPE = TaskEnvelopeSchema()

@@ -47,6 +47,7 @@ class FunctionSpec:
     timeout: float | None = None
     max_retries: int = 0
     log_result: bool = True
+    idempotent: bool = False  # safe to run again after a crash cut it short
 
     def describe(self) -> dict[str, Any]:
         """The `{"name", "params"}` form that /health and load balancers read."""
@@ -95,6 +96,7 @@ def function(
     max_retries: int = 0,
     log_result: bool = True,
     name: str | None = None,
+    idempotent: bool = False,
 ) -> Callable[[F], F]: ...
 
 
@@ -107,6 +109,7 @@ def function(
     max_retries: int = 0,
     log_result: bool = True,
     name: str | None = None,
+    idempotent: bool = False,
 ) -> Any:
     """Mark `handler(params, ctx)` as a function the worker serves (usable bare or with options)."""
 
@@ -126,6 +129,7 @@ def function(
             timeout=timeout,
             max_retries=max_retries,
             log_result=log_result,
+            idempotent=idempotent,
         )
         setattr(target, _FUNCTION_MARK, spec)
         return target

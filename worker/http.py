@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -13,7 +13,7 @@ from aiohttp import web
 from worker import __version__, auth, health, logtail, openapi
 from worker.config import Config
 from worker.context import Mode
-from worker.envelope import parse_json, validate_task
+from worker.envelope import dead_letter_selection, parse_json, validate_task
 from worker.errors import (
     PayloadTooLarge,
     RequestTimeout,
@@ -32,6 +32,17 @@ from worker.targets import TargetPolicy
 from worker.tasks import TaskSpec
 
 _log = structlog.get_logger("worker.http")
+
+
+class DeadLetters(Protocol):
+    """What the dead-letter routes ask of the webhook mode."""
+
+    async def dead_letters(self) -> list[dict[str, Any]]: ...
+
+    async def redeliver(self, task_ids: list[str] | None) -> int: ...
+
+    async def purge(self, task_ids: list[str] | None) -> int: ...
+
 
 # How a mode (sync, stream, webhook) answers the request of a task it was handed.
 Answer = Callable[[web.Request, TaskSpec], Awaitable[web.StreamResponse]]
@@ -69,6 +80,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     route = resource.canonical if resource is not None else "unmatched"
     request.app[METRICS].request_answered(route, response.status)
     return response
+
+
+def _audit(event: str, request: web.Request, chosen: list[str] | None, count: int) -> None:
+    which = (
+        "all" if chosen is None else ", ".join(chosen[:20]) + (" ..." if len(chosen) > 20 else "")
+    )
+    _log.info(event, by=auth.who(request.headers), peer=request.remote, tasks=which, count=count)
 
 
 def _log_refusal(refusals: Throttle, request: web.Request, reason: str) -> None:
@@ -122,9 +140,11 @@ class Api(Part):
         maintenance: Maintenance,
         logs: LogBuffer,
         metrics: Metrics,
+        webhooks: DeadLetters,
         sections: Callable[[], dict[str, Any]],
         targets: Callable[[], TargetPolicy] | None = None,
     ) -> None:
+        self._webhooks = webhooks  # the dead letters
         self._config = config
         self._registry = registry
         self._slots = slots
@@ -150,6 +170,9 @@ class Api(Part):
         app.router.add_get("/health", self.get_health)
         app.router.add_get("/ready", self.get_ready)
         app.router.add_get("/metrics", self.get_metrics)
+        app.router.add_get("/deadletters", self.get_dead_letters)
+        app.router.add_post("/deadletters/redeliver", self.post_redeliver)
+        app.router.add_post("/deadletters/purge", self.post_purge)
         app.router.add_get("/logs", self.get_logs)
         app.router.add_post("/off", self.post_off)
         app.router.add_post("/on", self.post_on)
@@ -204,6 +227,25 @@ class Api(Part):
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type
         return response
+
+    async def get_dead_letters(self, request: web.Request) -> web.Response:
+        auth.require_operator(request.headers, self._config.auth)
+        letters = await self._webhooks.dead_letters()
+        return json_response({"count": len(letters), "deadletters": letters})
+
+    async def post_redeliver(self, request: web.Request) -> web.Response:
+        auth.require_operator(request.headers, self._config.auth)
+        chosen = dead_letter_selection(parse_json(await request.read()))
+        count = await self._webhooks.redeliver(chosen)
+        _audit("dead letters redelivered", request, chosen, count)
+        return json_response({"redelivering": count}, 202)
+
+    async def post_purge(self, request: web.Request) -> web.Response:
+        auth.require_operator(request.headers, self._config.auth)
+        chosen = dead_letter_selection(parse_json(await request.read()))
+        count = await self._webhooks.purge(chosen)
+        _audit("dead letters purged", request, chosen, count)
+        return json_response({"purged": count})
 
     async def get_logs(self, request: web.Request) -> web.StreamResponse:
         auth.require_any(request.headers, self._config.auth)

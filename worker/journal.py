@@ -117,8 +117,8 @@ class Journal(Part):
 
     name = "task journal"
 
-    def __init__(self, path: Path, retention: float) -> None:
-        self.path = path
+    def __init__(self, path: Path | None, retention: float) -> None:
+        self.path = path  # None: in memory, for as long as the process lives (not durable)
         self.retention = retention
         self.commits = 0  # transactions committed by the writer (tests count group commits)
         self.last_error: str | None = None
@@ -160,17 +160,23 @@ class Journal(Part):
             _log.error("task journal did not finish writing by the deadline", path=str(self.path))
         self._thread = None
 
+    @property
+    def dead_count(self) -> int:
+        """Dead letters kept now."""
+        return self._counts.get("dead", 0)
+
     def health(self) -> dict[str, Any]:
         counts = self._counts
         return {
+            "webhooks": {"dead": counts.get("dead", 0)},
             "journal": {
-                "path": str(self.path),
+                "path": str(self.path) if self.path is not None else "memory",
                 "queued": counts.get("queued", 0),
                 "running": counts.get("running", 0),
                 "done": counts.get("done", 0),
                 "dead": counts.get("dead", 0),
                 "lastError": self.last_error,
-            }
+            },
         }
 
     # -- writes -----------------------------------------------------------------------------
@@ -230,6 +236,16 @@ class Journal(Part):
             attempts,
             time.time(),
         )
+
+    def forget(self, task_id: str) -> None:
+        """Remove a task admitted here but refused after all (its queue was full)."""
+        self._submit(
+            lambda conn: conn.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,)), None
+        )
+
+    @property
+    def durable(self) -> bool:
+        return self.path is not None
 
     def _update(self, assignments: str, condition: str, task_id: str, *values: Any) -> None:
         sql = f"UPDATE tasks SET {assignments} WHERE task_id = ? AND {condition}"
@@ -429,6 +445,8 @@ class Journal(Part):
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def _open(self) -> sqlite3.Connection:
+        if self.path is None:
+            return self._connect()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
@@ -440,6 +458,7 @@ class Journal(Part):
         except sqlite3.OperationalError:
             raise  # cannot open or lock: not the file's fault, so keep it
         except sqlite3.DatabaseError as exc:
+            assert self.path is not None  # a memory database is never corrupt at start
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
             for suffix in ("", "-wal", "-shm"):
                 source = Path(f"{self.path}{suffix}")
@@ -455,7 +474,8 @@ class Journal(Part):
             return self._connect()
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None)  # transactions are ours
+        where = ":memory:" if self.path is None else str(self.path)
+        conn = sqlite3.connect(where, isolation_level=None)  # transactions are ours
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:

@@ -30,6 +30,7 @@ from worker.context import Mode
 from worker.errors import ConfigError
 from worker.functions import Registry
 from worker.http import Answer, Api
+from worker.journal import Journal
 from worker.lb_client import OutboundClient
 from worker.lb_server import InboundServer
 from worker.logs import LogBuffer, Logging
@@ -60,6 +61,7 @@ _log = structlog.get_logger("worker.lifecycle")
 EXTEND_EVERY = 5.0  # seconds between EXTEND_TIMEOUT_USEC messages while draining
 ANSWER_CANCELLED = 2.0  # seconds the cancelled tasks get to answer their clients (503)
 SD_LISTEN_FDS_START = 3
+JOURNAL_FILE = "tasks.sqlite3"  # in worker.state_dir
 GC_YOUNG_THRESHOLD = 10_000  # allocations between young collections (CPython's default: 700)
 
 
@@ -72,7 +74,9 @@ class Worker:
     slots: SlotManager
     runner: Runner
     dispatcher: Dispatcher
+    journal: Journal
     deliveries: Deliveries
+    webhooks: WebhookMode
     maintenance: Maintenance
     api: Api
     app: web.Application
@@ -114,11 +118,13 @@ class Worker:
             self.runner,  # the thread pool
             self.slots,
             self.metrics,
+            self.journal,
             self.deliveries,
             self.maintenance,
             self.api,
             self.status_line,
             self.services,  # the users' own; every task has ended before they stop
+            self.webhooks,  # resumes the journal's tasks, once services are up
             self.inbound,
             self.outbound,
             self.listener,  # nothing is served before every part above is up
@@ -144,18 +150,24 @@ def build(
         links=lambda: health_of([worker.outbound, worker.inbound]).get("loadBalancer", {}),
         services=services.describe,
         pending_deliveries=lambda: worker.deliveries.pending,
-        dead_letters=lambda: 0,  # no journal of dead letters yet
+        dead_letters=lambda: worker.journal.dead_count,
     )
     dispatcher = Dispatcher(slots, runner, services.values, metrics.task_ended)
+    state_dir = cfg.worker.state_dir
+    journal = Journal(Path(state_dir) / JOURNAL_FILE if state_dir else None, cfg.webhook.retention)
     ports = {cfg.http.port, cfg.load_balancer.websocket_port}  # until the listeners are up
     deliveries = Deliveries(
-        cfg.webhook, own_ports=lambda: ports | worker.own_ports, on_outcome=metrics.delivery
+        cfg.webhook,
+        journal,
+        own_ports=lambda: ports | worker.own_ports,
+        on_outcome=metrics.delivery,
     )
-    maintenance = Maintenance(slots, cfg.worker.state_dir)
+    webhooks = WebhookMode(dispatcher, deliveries, journal, registry)
+    maintenance = Maintenance(slots, state_dir)
     answers: dict[Mode, Answer] = {
         "sync": SyncMode(dispatcher),
         "stream": StreamMode(dispatcher),
-        "webhook": WebhookMode(dispatcher, deliveries),
+        "webhook": webhooks,
     }
     api = Api(
         cfg,
@@ -165,6 +177,7 @@ def build(
         maintenance,
         logging.buffer,
         metrics,
+        webhooks,
         sections=lambda: health_of(worker.parts),
         targets=deliveries.policy,
     )
@@ -175,7 +188,9 @@ def build(
         slots=slots,
         runner=runner,
         dispatcher=dispatcher,
+        journal=journal,
         deliveries=deliveries,
+        webhooks=webhooks,
         maintenance=maintenance,
         api=api,
         app=app,
@@ -209,6 +224,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._now = asyncio.Event()
         self._reloads: set[asyncio.Task[None]] = set()
+        self._grace_over = False
+        self._kept = 0  # journaled tasks left queued for the next start
 
     async def serve(self) -> int:
         # Start.
@@ -289,7 +306,7 @@ class Daemon:
             grace=grace,
         )
         if not await self._wait_drained(worker, loop.time() + grace, deadline):
-            worker.slots.set_grace(False)
+            self._end_grace(worker)
             cancelled = dispatcher.cancel_all()
             _log.warning("drain deadline passed, cancelling what is left", tasks=cancelled)
             # Let the cancelled tasks answer their clients (503) before the listener closes.
@@ -299,8 +316,17 @@ class Daemon:
         after = dispatcher.counts - before
         return {
             "completed": sum(after[o] for o in Outcome if o is not Outcome.CANCELLED),
-            "cancelled": after[Outcome.CANCELLED],
+            "cancelled": after[Outcome.CANCELLED] - self._kept,
+            "kept": self._kept,
         }
+
+    def _end_grace(self, worker: Worker) -> None:
+        """No more new tasks; journaled ones still waiting stay in the journal for the next
+        start instead of holding up the stop."""
+        if not self._grace_over:
+            self._grace_over = True
+            worker.slots.set_grace(False)
+            self._kept = worker.webhooks.keep_queued()
 
     async def _wait_drained(self, worker: Worker, grace_ends: float, deadline: float) -> bool:
         """Take tasks until `grace_ends`, then wait for tasks and deliveries to finish, telling
@@ -320,7 +346,7 @@ class Daemon:
                     await asyncio.wait({now_task}, timeout=min(grace_ends - now, EXTEND_EVERY))
                     continue
                 if idle is None:
-                    worker.slots.set_grace(False)
+                    self._end_grace(worker)
                     idle = asyncio.ensure_future(worker.idle())
                 done, _ = await asyncio.wait(
                     {idle, now_task},
@@ -385,6 +411,11 @@ class Daemon:
             _log.warning(
                 f"{name} is shorter than {config.STRONG_KEY_LENGTH} characters: a weak key",
                 generate="python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            )
+        if not cfg.worker.state_dir:
+            _log.warning(
+                "webhook tasks are kept in memory only: a crash or kill loses those not yet "
+                "delivered; set worker.state_dir (systemd: StateDirectory=) to journal them"
             )
         if cfg.uses_dev_keys:
             _log.warning(

@@ -69,6 +69,33 @@ class AcceptedSchema(Schema):
     success = fields.Boolean(required=True, metadata={"example": True})
     task_id = fields.String(required=True)
     message = fields.String(required=True)
+    duplicate = fields.Boolean(
+        metadata={"description": "True when an earlier task had this Idempotency-Key."}
+    )
+
+
+class DeadLetterSchema(Schema):
+    task_id = fields.String(required=True)
+    function = fields.String(required=True)
+    target = fields.String(required=True, metadata={"description": "No query or userinfo."})
+    error = fields.String(allow_none=True)
+    attempts = fields.Integer(required=True)
+    failed_at = fields.String(allow_none=True, metadata={"description": "ISO 8601, UTC."})
+
+
+class DeadLettersSchema(Schema):
+    """GET /deadletters."""
+
+    count = fields.Integer(required=True)
+    deadletters = fields.List(fields.Nested(DeadLetterSchema), required=True)
+
+
+class RedeliveringSchema(Schema):
+    redelivering = fields.Integer(required=True)
+
+
+class PurgedSchema(Schema):
+    purged = fields.Integer(required=True)
 
 
 class DeliverySchema(Schema):
@@ -184,6 +211,18 @@ def _task_operation(inputs: dict[str, str]) -> dict[str, Any]:
             "request body variants and a component named `<function>Input`."
         ),
         "security": _OPERATOR,
+        "parameters": [
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": (
+                    "Mode webhook: a second task with the same key while the first is retained "
+                    "runs nothing and answers 202 with the first task_id and duplicate: true."
+                ),
+                "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+            }
+        ],
         "requestBody": {
             "required": True,
             "content": {
@@ -230,6 +269,42 @@ def _task_operation(inputs: dict[str, str]) -> dict[str, Any]:
                     }
                 }
             }
+        },
+    }
+
+
+def _dead_letter_action(answer: type[Schema], status: str, summary: str) -> dict[str, Any]:
+    selection = {
+        "oneOf": [
+            {
+                "type": "object",
+                "properties": {
+                    "task_ids": {
+                        "type": "array",
+                        "items": {"type": "string", "minLength": 1, "maxLength": 128},
+                        "minItems": 1,
+                        "maxItems": 10000,
+                    }
+                },
+                "required": ["task_ids"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {"all": {"type": "boolean", "enum": [True]}},
+                "required": ["all"],
+                "additionalProperties": False,
+            },
+        ]
+    }
+    return {
+        "summary": summary,
+        "security": _OPERATOR,
+        "requestBody": {"required": True, "content": {_JSON: {"schema": selection}}},
+        "responses": {
+            status: _json(answer, summary + "."),
+            "400": _error("Neither task_ids nor all: true."),
+            "401": _UNAUTHORIZED,
         },
     }
 
@@ -323,6 +398,20 @@ def operations(inputs: dict[str, str]) -> dict[str, dict[str, dict[str, Any]]]:
                 },
             }
         },
+        "/deadletters": {
+            "get": {
+                "summary": "Webhook results whose delivery failed for good",
+                "security": _OPERATOR,
+                "responses": {
+                    "200": _json(DeadLettersSchema, "The dead letters."),
+                    "401": _UNAUTHORIZED,
+                },
+            }
+        },
+        "/deadletters/redeliver": {
+            "post": _dead_letter_action(RedeliveringSchema, "202", "Deliver again")
+        },
+        "/deadletters/purge": {"post": _dead_letter_action(PurgedSchema, "200", "Forget them")},
         "/off": {"post": _toggle("Maintenance mode enabled")},
         "/on": {"post": _toggle("Maintenance mode disabled")},
         DOCUMENT_PATH: {

@@ -29,6 +29,7 @@ class Reason(enum.Enum):
     CLIENT_GONE_STREAMING = "client disconnected from the stream"
     TIMEOUT = "the function ran over its timeout"
     SHUTDOWN = "Task cancelled: the worker is shutting down"
+    KEPT = "kept in the task journal for the next start"
 
 
 def reason_of(exc: BaseException) -> Reason:
@@ -55,6 +56,7 @@ VERDICTS: dict[tuple[Outcome, Reason | None], Verdict] = {
     (Outcome.CANCELLED, Reason.CLIENT_GONE_QUEUED): _CLIENT_GONE,
     (Outcome.CANCELLED, Reason.CLIENT_GONE_STREAMING): _CLIENT_GONE,
     (Outcome.CANCELLED, Reason.SHUTDOWN): Verdict(logging.WARNING, 503, Outcome.CANCELLED.value),
+    (Outcome.CANCELLED, Reason.KEPT): Verdict(logging.INFO, 503, Outcome.CANCELLED.value),
 }
 
 

@@ -175,15 +175,16 @@ class SlotManager(Part):
         self._grant_waiting()
         self._changed()
 
-    def admit(self, priority: int) -> Admission:
-        """Take a place for a new task, or refuse it with the 503 the client should get."""
-        if not self.accepting:
+    def admit(self, priority: int, promised: bool = False) -> Admission:
+        """Take a place for a new task, or refuse it with the 503 the client should get; a
+        `promised` task (accepted before a restart) is never refused."""
+        if not self.accepting and not promised:
             raise Unavailable(REFUSALS[self._status])
         admission = Admission(self, priority, next(self._seq))
         if self._used < self._limit and self._queued == 0:
             self._used += 1
             admission.future.set_result(None)
-        elif self._queued >= self._max_queue:
+        elif self._queued >= self._max_queue and not promised:
             raise Unavailable(f"Queue is full ({self._max_queue} tasks waiting)")
         else:
             heapq.heappush(self._heap, admission)

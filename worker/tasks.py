@@ -66,11 +66,14 @@ class TaskResult:
 class Job:
     """One accepted task in flight; `running` turns true when it holds a slot."""
 
-    __slots__ = ("admission", "reason", "running", "spec", "task")
+    __slots__ = ("admission", "on_start", "reason", "running", "spec", "task")
 
-    def __init__(self, spec: TaskSpec, admission: Admission) -> None:
+    def __init__(
+        self, spec: TaskSpec, admission: Admission, on_start: Callable[[], None] | None = None
+    ) -> None:
         self.spec = spec
         self.admission = admission
+        self.on_start = on_start  # told when the task takes its slot (the journal)
         self.running = False
         self.reason: Reason | None = None  # why it was cancelled, once it was
         self.task: asyncio.Task[TaskResult]
@@ -139,9 +142,16 @@ class Dispatcher:
     def in_flight(self) -> int:
         return len(self._jobs)
 
-    def submit(self, spec: TaskSpec, stream: StreamWriter | None = None) -> Job:
-        """Queue a task (raises Unavailable when the worker cannot take it) and start its job."""
-        job = Job(spec, self.slots.admit(spec.priority))
+    def submit(
+        self,
+        spec: TaskSpec,
+        stream: StreamWriter | None = None,
+        on_start: Callable[[], None] | None = None,
+        promised: bool = False,
+    ) -> Job:
+        """Queue a task (raises Unavailable when the worker cannot take it, unless it was
+        `promised` before a restart) and start its job."""
+        job = Job(spec, self.slots.admit(spec.priority, promised), on_start)
         job.task = asyncio.create_task(self._run(job, stream))
         self._jobs.add(job)
         self._all_done.clear()
@@ -192,6 +202,8 @@ class Dispatcher:
             lease = await job.admission.lease()
             job.running = True
             started = time.monotonic()
+            if job.on_start is not None:
+                job.on_start()
             result = await self.runner.run(spec.function, spec.params, ctx)
         except asyncio.CancelledError as exc:
             reason = job.reason if job.reason is not None else reason_of(exc)

@@ -16,8 +16,10 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import re
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,9 +34,11 @@ from yarl import URL
 
 from worker import __version__
 from worker.config import Config, WebhookSection
-from worker.errors import Unavailable
+from worker.errors import BadRequest, Unavailable
+from worker.functions import Registry
+from worker.journal import Entry, Journal, JournalUnavailable
 from worker.jsoncodec import NotJSON, dumps_result
-from worker.outcomes import Outcome
+from worker.outcomes import Outcome, Reason
 from worker.parts import Part
 from worker.responses import json_response
 from worker.targets import (
@@ -44,7 +48,7 @@ from worker.targets import (
     loggable,
     scrub,
 )
-from worker.tasks import Dispatcher, Job, TaskResult, TaskSpec
+from worker.tasks import Dispatcher, Job, TaskResult, TaskSpec, WebhookTarget
 
 _log = structlog.get_logger("worker.webhooks")
 
@@ -60,6 +64,24 @@ class Attempt:
     status: int | None = None
     error: str | None = None
     retry_after: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Where one task's result goes, under which id: from a task now, or from the journal."""
+
+    task_id: str
+    function: str
+    webhook: WebhookTarget
+
+    @classmethod
+    def of(cls, spec: TaskSpec) -> Delivery:
+        assert spec.webhook is not None
+        return cls(spec.task_id, spec.function.name, spec.webhook)
+
+    @classmethod
+    def of_entry(cls, entry: Entry) -> Delivery:
+        return cls(entry.task_id, entry.function, WebhookTarget(entry.url, entry.headers))
 
 
 def payload(spec: TaskSpec, result: TaskResult, limit: int) -> bytes:
@@ -80,12 +102,12 @@ def payload(spec: TaskSpec, result: TaskResult, limit: int) -> bytes:
             )
     else:
         error = result.error or result.outcome.value
-    return failure(spec, error)
+    return failure(spec.task_id, spec.function.name, error)
 
 
-def failure(spec: TaskSpec, error: str) -> bytes:
+def failure(task_id: str, function: str, error: str) -> bytes:
     """The body of a task whose result is not delivered, saying why."""
-    body = {"task_id": spec.task_id, "function": spec.function.name}
+    body = {"task_id": task_id, "function": function}
     return json.dumps({**body, "success": False, "error": error}).encode()
 
 
@@ -110,12 +132,11 @@ def attempt_headers(
     return stamped
 
 
-def request_headers(spec: TaskSpec, body: bytes, settings: WebhookSection) -> CIMultiDict[str]:
+def request_headers(delivery: Delivery, body: bytes, settings: WebhookSection) -> CIMultiDict[str]:
     """Configured headers (only to `header_targets`, when set), overridden by the request's
     own; the worker's own headers last."""
     headers: CIMultiDict[str] = CIMultiDict({"User-Agent": f"base-worker/{__version__}"})
-    assert spec.webhook is not None
-    url = spec.webhook.url
+    url = delivery.webhook.url
     configured: Mapping[str, str] = settings.headers
     if settings.header_targets and not any(
         header_target_matches(url, prefix) for prefix in settings.header_targets
@@ -123,11 +144,11 @@ def request_headers(spec: TaskSpec, body: bytes, settings: WebhookSection) -> CI
         configured = {}
     if URL(url).raw_user is not None:  # the URL's credentials are the task's own: they win
         configured = {k: v for k, v in configured.items() if k.lower() != "authorization"}
-    for source in (configured, spec.webhook.headers):
+    for source in (configured, delivery.webhook.headers):
         for name, value in source.items():
             headers[name] = value  # replaces case-insensitively
     headers["Content-Type"] = "application/json"
-    headers["X-Task-Id"] = spec.task_id
+    headers["X-Task-Id"] = delivery.task_id
     headers.popall("X-Signature-256", None)  # only the worker signs
     if settings.secret:
         headers["X-Signature-256"] = signature(settings.secret, body)
@@ -185,11 +206,13 @@ class Deliveries(Part):
     def __init__(
         self,
         settings: WebhookSection,
+        journal: Journal,
         own_ports: Callable[[], Iterable[int]] = frozenset,
         on_outcome: Callable[[str], None] = lambda outcome: None,
     ) -> None:
         # Read at the start of each delivery, so a reload applies to the next ones.
         self._settings = settings
+        self._journal = journal
         self._own_ports = own_ports
         # Told "delivered", "retried" (another attempt follows) or "failed" (the metrics).
         self._on_outcome = on_outcome
@@ -261,6 +284,13 @@ class Deliveries(Part):
         self._accepted += 1
         job.task.add_done_callback(lambda _: self._start(job))
 
+    def resend(self, delivery: Delivery, body: bytes, made: int, fresh: bool) -> None:
+        """Deliver a body the journal kept: after a restart its attempts go on from `made`
+        within the same budget; a redelivered dead letter (`fresh`) gets a new budget."""
+        self._accepted += 1
+        budget = 1 + self._settings.max_retries
+        self._send(delivery, body, made, budget if fresh else max(budget - made, 1))
+
     def abandon(self) -> int:
         """Cancel every pending delivery; returns how many results were left undelivered."""
         for delivery in self._pending:
@@ -273,16 +303,23 @@ class Deliveries(Part):
         await self._idle.wait()
 
     def _start(self, job: Job) -> None:
-        # Encoded here, once: from now on only the bytes are kept, not the result's value.
         spec = job.spec
+        if job.reason is Reason.KEPT:  # not run: the journal keeps it for the next start
+            self._accepted -= 1
+            return
+        # Encoded here, once: from now on only the bytes are kept, not the result's value.
         try:
             body = payload(spec, job.finished(), self._settings.max_result_bytes)
         except Exception as exc:  # a bug must not lose the task: deliver the failure instead
-            body = failure(spec, f"internal error: {type(exc).__name__}")
-        delivery = asyncio.get_running_loop().create_task(self._deliver(spec, body))
-        self._pending.add(delivery)
+            body = failure(spec.task_id, spec.function.name, _internal(exc))
+        self._journal.done(spec.task_id, body)
+        self._send(Delivery.of(spec), body, 0, 1 + self._settings.max_retries)
+
+    def _send(self, delivery: Delivery, body: bytes, made: int, budget: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._deliver(delivery, body, made, budget))
+        self._pending.add(task)
         self._idle.clear()
-        delivery.add_done_callback(self._forget)
+        task.add_done_callback(self._forget)
 
     def _forget(self, delivery: asyncio.Task[None]) -> None:
         self._pending.discard(delivery)
@@ -290,16 +327,18 @@ class Deliveries(Part):
         if not self._pending:
             self._idle.set()
 
-    async def _deliver(self, spec: TaskSpec, body: bytes) -> None:
-        assert spec.webhook is not None
+    async def _deliver(self, delivery: Delivery, body: bytes, made: int, budget: int) -> None:
+        """Attempts made+1 .. made+budget; delivered, or a dead letter (the journal keeps it);
+        cut short by a stop, the journal keeps it for the next start."""
         settings = self._settings
-        url = spec.webhook.url
-        attempts = 1 + settings.max_retries
-        log = _log.bind(task_id=spec.task_id, function=spec.function.name, target=loggable(url))
-        attempt = 0
+        task_id, url = delivery.task_id, delivery.webhook.url
+        last = made + budget
+        log = _log.bind(task_id=task_id, function=delivery.function, target=loggable(url))
+        attempt = made
+        error = ""
         try:
-            headers = request_headers(spec, body, settings)
-            for attempt in range(1, attempts + 1):
+            headers = request_headers(delivery, body, settings)
+            for attempt in range(made + 1, last + 1):
                 began = time.monotonic()
                 # aiohttp does not call the resolver for an IP literal: check it here.
                 refusal = self.policy().refusal_of_url(url)
@@ -310,7 +349,7 @@ class Deliveries(Part):
                     outcome = await self._post(url, body, sent, settings.timeout)
                 fields: dict[str, Any] = {
                     "attempt": attempt,
-                    "of": attempts,
+                    "of": last,
                     "status": outcome.status,
                     "elapsed_ms": round((time.monotonic() - began) * 1000, 2),
                 }
@@ -318,26 +357,31 @@ class Deliveries(Part):
                     log.info("webhook attempt", **fields)
                     self.delivered += 1
                     self._on_outcome("delivered")
+                    self._journal.delivered(task_id)
                     log.info("webhook delivered", attempts=attempt)
                     return
                 error = scrub(outcome.error or "", url)  # aiohttp's texts may quote the URL
                 log.warning("webhook attempt failed", **fields, error=error)
-                if not outcome.retry or attempt == attempts:
+                self._journal.attempted(task_id, attempt, error)
+                if not outcome.retry or attempt == last:
                     break
                 self._on_outcome("retried")
                 # The n-th retry waits retry_delay * 2^(n-1), or longer if the receiver asks.
-                delay = settings.retry_delay * 2 ** (attempt - 1)
+                delay = settings.retry_delay * 2 ** (attempt - made - 1)
                 await asyncio.sleep(max(delay, outcome.retry_after))
         except asyncio.CancelledError:
             self._undelivered()
             log.warning("webhook undelivered", attempts=attempt, error=STOPPING)
             raise
         except Exception as exc:  # whatever happens, the task ends counted and logged
+            error = _internal(exc)
             self._undelivered()
-            log.error("webhook undelivered", attempts=attempt, error=_internal(exc))
+            self._journal.dead(task_id, error, attempt)
+            log.error("webhook undelivered", attempts=attempt, error=error, dead_letter=True)
             return
         self._undelivered()
-        log.warning("webhook undelivered", attempts=attempt, error=error)
+        self._journal.dead(task_id, error, attempt)
+        log.warning("webhook undelivered", attempts=attempt, error=error, dead_letter=True)
 
     def _undelivered(self) -> None:
         self.failed += 1
@@ -384,20 +428,160 @@ def _now() -> float:
     return asyncio.get_running_loop().time()
 
 
-class WebhookMode:
-    """Mode webhook: 202 as soon as the task is accepted; the result follows by POST."""
+class WebhookMode(Part):
+    """Mode webhook: the task is journaled, then 202; its result follows by POST. At start,
+    what the journal kept from before a stop or a crash is resumed."""
 
-    def __init__(self, dispatcher: Dispatcher, deliveries: Deliveries) -> None:
+    name = "webhook tasks"
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        deliveries: Deliveries,
+        journal: Journal,
+        registry: Registry,
+    ) -> None:
         self._dispatcher = dispatcher
         self._deliveries = deliveries
+        self._journal = journal
+        self._registry = registry
+        self._jobs: set[Job] = set()  # webhook tasks queued or running
 
     async def __call__(self, request: web.Request, spec: TaskSpec) -> web.StreamResponse:
+        key = idempotency_key(request.headers)
         self._deliveries.admit()
-        job = self._dispatcher.submit(spec)
-        self._deliveries.follow(job)
-        body = {
+        # Once journaled the task runs, whether or not its client waits for the 202.
+        first = await asyncio.shield(self._accept(spec, key))
+        body: dict[str, Any] = {
             "success": True,
-            "task_id": spec.task_id,
+            "task_id": first,
             "message": "Task accepted; its result will be POSTed to the webhook URL",
         }
-        return json_response(body, 202, {"X-Task-Id": spec.task_id})
+        if first != spec.task_id:
+            body["duplicate"] = True
+            body["message"] = "Task already accepted with this Idempotency-Key; nothing new runs"
+        return json_response(body, 202, {"X-Task-Id": first})
+
+    async def _accept(self, spec: TaskSpec, key: str | None) -> str:
+        """Journal the task, then queue it; the id of the task that will answer."""
+        assert spec.webhook is not None
+        entry = Entry(
+            task_id=spec.task_id,
+            function=spec.function.name,
+            params=spec.params,
+            priority=spec.priority,
+            url=spec.webhook.url,
+            headers=dict(spec.webhook.headers),
+            idempotency_key=key,
+            accepted_at=time.time(),
+        )
+        try:
+            known = await self._journal.admit(entry)
+        except JournalUnavailable:
+            raise Unavailable(
+                "The task journal cannot be written; the task was not accepted"
+            ) from None
+        if known is not None:
+            return known.task_id
+        try:
+            self._submit(spec, promised=False)
+        except Unavailable:
+            self._journal.forget(spec.task_id)
+            raise
+        return spec.task_id
+
+    def _submit(self, spec: TaskSpec, promised: bool) -> None:
+        task_id = spec.task_id
+        job = self._dispatcher.submit(
+            spec, on_start=lambda: self._journal.running(task_id), promised=promised
+        )
+        self._jobs.add(job)
+        job.task.add_done_callback(lambda _: self._jobs.discard(job))
+        self._deliveries.follow(job)
+
+    async def start(self) -> None:
+        """Resume what the journal kept: queued tasks run, in their order; a task cut short
+        runs again if its function is idempotent, else its client is told it was
+        interrupted; results not yet delivered are delivered."""
+        resumed: Counter[str] = Counter()
+        for entry in await self._journal.resumable():
+            function = self._registry.get(entry.function)
+            if entry.state == "done" and entry.body is not None:
+                self._deliveries.resend(Delivery.of_entry(entry), entry.body, entry.attempts, False)
+            elif function is None:
+                body = failure(entry.task_id, entry.function, "the function no longer exists")
+                self._journal.done(entry.task_id, body)
+                self._deliveries.resend(Delivery.of_entry(entry), body, entry.attempts, False)
+            elif entry.state == "queued" or function.idempotent:
+                spec = TaskSpec(
+                    task_id=entry.task_id,
+                    function=function,
+                    params=entry.params,
+                    priority=entry.priority,
+                    mode="webhook",
+                    webhook=WebhookTarget(entry.url, entry.headers),
+                )
+                self._submit(spec, promised=True)
+            else:
+                body = failure(entry.task_id, entry.function, INTERRUPTED)
+                self._journal.done(entry.task_id, body)
+                self._deliveries.resend(Delivery.of_entry(entry), body, entry.attempts, False)
+            resumed[entry.state] += 1
+        if resumed:
+            _log.info("webhook tasks resumed from the journal", **resumed)
+
+    def keep_queued(self) -> int:
+        """Draining: journaled tasks that have not started stay for the next start."""
+        if not self._journal.durable:
+            return 0
+        waiting = [job for job in self._jobs if not job.running]
+        for job in waiting:
+            job.cancel(Reason.KEPT)
+        return len(waiting)
+
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "task_id": entry.task_id,
+                "function": entry.function,
+                "target": loggable(entry.url),
+                "error": entry.last_error,
+                "attempts": entry.attempts,
+                "failed_at": _iso(entry.failed_at),
+            }
+            for entry in await self._journal.dead_letters()
+        ]
+
+    async def redeliver(self, task_ids: list[str] | None) -> int:
+        """Dead letters (all when None) delivered again, with the same X-Task-Id."""
+        entries = await self._journal.redeliver(task_ids)
+        for entry in entries:
+            if entry.body is not None:
+                self._deliveries.resend(Delivery.of_entry(entry), entry.body, entry.attempts, True)
+        return len(entries)
+
+    async def purge(self, task_ids: list[str] | None) -> int:
+        return await self._journal.purge(task_ids)
+
+
+INTERRUPTED = "interrupted: the worker stopped while the task ran"
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def idempotency_key(headers: Mapping[str, str]) -> str | None:
+    """The request's `Idempotency-Key`: 1 to 255 visible ASCII characters, else a 400."""
+    value = headers.get("Idempotency-Key")
+    if value is None:
+        return None
+    if not _IDEMPOTENCY_KEY.match(value):
+        raise BadRequest(
+            "Invalid Idempotency-Key header",
+            details={"Idempotency-Key": ["Must be 1 to 255 visible ASCII characters."]},
+        )
+    return value
+
+
+def _iso(moment: float | None) -> str | None:
+    if moment is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
