@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,13 @@ LB_KEY = "test-lb-key-9876543210"
 AUTH = {"Authorization": AUTH_KEY}
 TEST_FUNCTIONS = str(Path(__file__).parent / "functions" / "testing.py")
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# Every kind of JSON value, and the edges of the envelope's ranges and choices (the property
+# tests of the fast paths run each of them through both paths).
+JSON_VALUES: list[Any] = [None, True, False, 0, 1, 3, -3, 2.5, 2097152, 2097153, "", "hello"]
+JSON_VALUES += [[], [1], {}, {"name": "Andera"}, [None], [1, None], "stream", "sync", "webhook"]
+JSON_VALUES += ["x" * 40]
 
 
 def make_config(**sections: dict[str, Any]) -> config.Config:
@@ -88,6 +95,15 @@ class Running:
 
 
 Worker = tuple[TestClient[Any, Any], Running]
+
+
+@pytest.fixture
+async def daemons() -> AsyncIterator[list[Any]]:
+    """Subprocess daemons a test starts (tests.daemon.start_daemon); all stopped at its end."""
+    started: list[Any] = []
+    yield started
+    for daemon in started:
+        await daemon.stop()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -175,3 +176,20 @@ async def poll(check: Callable[[], Any], timeout: float = 10.0) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def start_daemon(
+    started: list[Daemon], tmp: Path, env: dict[str, str] | None = None, **sections: dict[str, Any]
+) -> Daemon:
+    """A daemon started and READY=1, added to `started` (the `daemons` fixture stops them)."""
+    daemon = Daemon(tmp, **sections)
+    started.append(daemon)
+    await daemon.start(env=env)
+    await daemon.wait_ready()
+    return daemon
+
+
+def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
+    """The daemon's JSON log events called `name`, in order."""
+    found = [json.loads(line) for line in daemon.log_events()]
+    return [event for event in found if event["event"] == name]

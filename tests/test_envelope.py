@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from marshmallow import ValidationError
 
-from tests.conftest import TEST_FUNCTIONS
+from tests.conftest import JSON_VALUES, TEST_FUNCTIONS
 from worker import functions
 from worker.envelope import (
     ENVELOPE,
@@ -26,25 +26,7 @@ REGISTRY = functions.load(["worker.examples", TEST_FUNCTIONS])
 GROUP = "default"
 CONTRACT = 1
 
-# Every kind of JSON value, and the edges of the envelope's ranges and choices.
-VALUES: list[Any] = [
-    None,
-    True,
-    False,
-    0,
-    1,
-    3,
-    -3,
-    2.5,
-    2097152,
-    2097153,
-    "",
-    "hello",
-    [],
-    [1],
-    {},
-]
-VALUES += [{"name": "Andera"}, [None], [1, None], "stream", "sync", "webhook", "x" * 40]
+VALUES = JSON_VALUES  # every kind of JSON value, and the edges of the ranges
 
 
 def schema_load(schema: Any, data: Any) -> Any:

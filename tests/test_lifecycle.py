@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import AUTH_KEY, task
-from tests.daemon import Daemon, health, poll, post_task, write_config
+from tests.daemon import Daemon, health, poll, post_task, start_daemon, write_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,24 +29,12 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield client
 
 
-@pytest.fixture
-async def daemons(tmp_path: Path) -> AsyncIterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        await daemon.stop()
-
-
 async def start(
     daemons: list[Daemon], tmp: Path, env: dict[str, str] | None = None, **sections: dict
 ) -> Daemon:
     home = tmp / f"daemon{len(daemons)}"
     home.mkdir()
-    daemon = Daemon(home, **sections)
-    daemons.append(daemon)
-    await daemon.start(env=env)
-    await daemon.wait_ready()
-    return daemon
+    return await start_daemon(daemons, home, env, **sections)
 
 
 async def test_ready_is_sent_once_the_listener_answers(

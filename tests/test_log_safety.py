@@ -7,46 +7,23 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import unused_port
 
 from tests.conftest import task
-from tests.daemon import Daemon, poll
+from tests.daemon import Daemon, events, poll, start_daemon
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def daemons() -> AsyncIterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        await daemon.stop()
-
-
-async def start(daemons: list[Daemon], tmp: Path, **sections: dict[str, Any]) -> Daemon:
-    daemon = Daemon(tmp, **sections)
-    daemons.append(daemon)
-    await daemon.start()
-    await daemon.wait_ready()
-    return daemon
-
-
-def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
-    found = [json.loads(line) for line in daemon.log_events()]
-    return [event for event in found if event["event"] == name]
 
 
 async def test_a_one_letter_key_is_masked_without_damaging_the_log(
     daemons: list[Daemon], tmp_path: Path
 ) -> None:
     ws_port = unused_port()
-    daemon = await start(
+    daemon = await start_daemon(
         daemons,
         tmp_path,
         auth={"auth_key": "k", "lb_auth_key": "q"},
@@ -72,7 +49,7 @@ async def test_a_one_letter_key_is_masked_without_damaging_the_log(
 async def test_refused_credentials_cost_a_line_a_second_per_address(
     daemons: list[Daemon], tmp_path: Path
 ) -> None:
-    daemon = await start(daemons, tmp_path)
+    daemon = await start_daemon(daemons, tmp_path)
     began = time.monotonic()
     async with aiohttp.ClientSession() as session:
 
@@ -99,7 +76,7 @@ async def test_refused_credentials_cost_a_line_a_second_per_address(
 async def test_malformed_requests_are_warnings_without_traceback_and_throttled(
     daemons: list[Daemon], tmp_path: Path
 ) -> None:
-    daemon = await start(daemons, tmp_path)
+    daemon = await start_daemon(daemons, tmp_path)
     began = time.monotonic()
 
     async def malformed() -> None:
@@ -122,7 +99,7 @@ async def test_malformed_requests_are_warnings_without_traceback_and_throttled(
 
 async def test_refused_websockets_are_throttled_too(daemons: list[Daemon], tmp_path: Path) -> None:
     ws_port = unused_port()
-    daemon = await start(daemons, tmp_path, load_balancer={"websocket_port": ws_port})
+    daemon = await start_daemon(daemons, tmp_path, load_balancer={"websocket_port": ws_port})
     began = time.monotonic()
     async with aiohttp.ClientSession() as session:
         for _ in range(50):

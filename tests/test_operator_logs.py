@@ -3,40 +3,16 @@ the access log when asked for, and who switched maintenance or reloaded."""
 
 from __future__ import annotations
 
-import json
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.conftest import AUTH_KEY, LB_KEY, task
-from tests.daemon import Daemon, poll, post_task
+from tests.daemon import Daemon, events, poll, post_task, start_daemon
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def daemons() -> AsyncIterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        await daemon.stop()
-
-
-async def start(daemons: list[Daemon], tmp: Path, **sections: dict[str, Any]) -> Daemon:
-    daemon = Daemon(tmp, **sections)
-    daemons.append(daemon)
-    await daemon.start()
-    await daemon.wait_ready()
-    return daemon
-
-
-def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
-    found = [json.loads(line) for line in daemon.log_events()]
-    return [event for event in found if event["event"] == name]
 
 
 async def _true(value: bool) -> bool:
@@ -46,7 +22,7 @@ async def _true(value: bool) -> bool:
 async def test_a_failing_function_logs_its_traceback_with_its_summary_line(
     daemons: list[Daemon], tmp_path: Path
 ) -> None:
-    daemon = await start(daemons, tmp_path)
+    daemon = await start_daemon(daemons, tmp_path)
     async with aiohttp.ClientSession() as session:
         status, body = await post_task(session, daemon, task("fail", input={"message": "kaput"}))
     assert (status, body) == (500, {"success": False, "error": "kaput"})  # the message only
@@ -61,7 +37,7 @@ async def test_a_failing_function_logs_its_traceback_with_its_summary_line(
 async def test_under_journald_the_traceback_stays_in_its_event(
     daemons: list[Daemon], tmp_path: Path
 ) -> None:
-    daemon = await start(daemons, tmp_path, logging={"format": "journal"})
+    daemon = await start_daemon(daemons, tmp_path, logging={"format": "journal"})
     async with aiohttp.ClientSession() as session:
         await post_task(session, daemon, task("fail"))
     await poll(lambda: _true(any("Traceback" in line for line in daemon.output)))
@@ -74,8 +50,8 @@ async def test_under_journald_the_traceback_stays_in_its_event(
 async def test_the_access_log_when_asked_for(daemons: list[Daemon], tmp_path: Path) -> None:
     (tmp_path / "quiet").mkdir()
     (tmp_path / "loud").mkdir()
-    quiet = await start(daemons, tmp_path / "quiet")
-    loud = await start(daemons, tmp_path / "loud", logging={"access": True})
+    quiet = await start_daemon(daemons, tmp_path / "quiet")
+    loud = await start_daemon(daemons, tmp_path / "loud", logging={"access": True})
     async with aiohttp.ClientSession() as session:
         for daemon in (quiet, loud):
             async with session.get(f"{daemon.url}/health") as response:
@@ -94,7 +70,7 @@ async def test_the_access_log_when_asked_for(daemons: list[Daemon], tmp_path: Pa
 async def test_maintenance_switches_and_reloads_say_who_asked(
     daemons: list[Daemon], tmp_path: Path
 ) -> None:
-    daemon = await start(daemons, tmp_path)
+    daemon = await start_daemon(daemons, tmp_path)
     async with aiohttp.ClientSession() as session:
         as_balancer = {"Authorization": AUTH_KEY, "x-lb-auth": LB_KEY}
         async with session.post(f"{daemon.url}/off", headers=as_balancer) as response:

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from marshmallow import ValidationError
 
+from tests.conftest import JSON_VALUES
 from worker.params import ParamsError, compile_params, validate_input
 
 
@@ -125,25 +126,7 @@ def test_pattern_matches_anywhere_like_javascript_regexp_test() -> None:
 
 # --- the shortcut for plainly valid input agrees with the schema ---------------------------------
 
-# Every kind of JSON value, and the edges of the declarations below.
-VALUES: list[Any] = [
-    None,
-    True,
-    False,
-    0,
-    1,
-    3,
-    -3,
-    2.5,
-    2097152,
-    2097153,
-    "",
-    "hello",
-    [],
-    [1],
-    {},
-]
-VALUES += [{"name": "Andera"}, [None], [1, None], "stream", "sync", "webhook", "x" * 40]
+VALUES = JSON_VALUES  # every kind of JSON value, and the edges of the ranges
 
 PARAMS: dict[str, dict[str, Any]] = {
     "s": {"type": "string", "min": 1, "max": 5},

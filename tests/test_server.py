@@ -27,14 +27,6 @@ pytestmark = pytest.mark.timeout(30)
 CLOSE_DEADLINE = 10.0  # seconds a test waits for the daemon to close a connection
 
 
-@pytest.fixture
-async def daemons() -> AsyncIterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        await daemon.stop()
-
-
 async def start(
     daemons: list[Daemon],
     tmp: Path,
