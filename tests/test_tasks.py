@@ -387,3 +387,111 @@ async def test_queued_jobs_take_the_slot_by_priority(dispatcher: Dispatcher) -> 
     holder.open.set()
     await asyncio.gather(*(job.result() for job in jobs))
     assert order == ["p1", "p2", "p3"]
+
+
+# --- run_now: mode sync's short path -------------------------------------------------------------
+
+
+async def test_run_now_ends_a_task_that_never_waits_in_the_callers_task(
+    dispatcher: Dispatcher,
+) -> None:
+    with capture_logs() as logged:
+        ended = dispatcher.run_now(task(function("succeeds", succeeds), "at-once"))
+    assert isinstance(ended, TaskResult)
+    assert (ended.outcome, ended.value) == (Outcome.SUCCEEDED, "ok")
+    assert dispatcher.in_flight == 0  # no job was made
+    assert dispatcher.counts == {Outcome.SUCCEEDED: 1}
+    assert dispatcher.slots.state() == SlotState("ready", 0, 1, 0)
+    assert summaries(logged)["at-once"]["outcome"] == "succeeded"
+
+
+async def test_run_now_fails_a_function_that_raises_at_once_without_retries(
+    dispatcher: Dispatcher,
+) -> None:
+    ended = dispatcher.run_now(task(function("fails", fails), "bad"))
+    assert isinstance(ended, TaskResult)
+    assert (ended.outcome, ended.error) == (Outcome.FAILED, "went wrong")
+    assert dispatcher.slots.state() == SlotState("ready", 0, 1, 0)
+
+
+async def test_run_now_retries_in_a_job_and_counts_the_attempts(dispatcher: Dispatcher) -> None:
+    calls: list[int] = []
+
+    async def flaky(params: dict[str, Any], ctx: TaskContext) -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("first time")
+        return "second"
+
+    spec = function("flaky", flaky)
+    spec = FunctionSpec(spec.name, flaky, "async", {}, spec.schema, max_retries=1)
+    with capture_logs() as logged:
+        job = dispatcher.run_now(task(spec, "retried"))
+        assert not isinstance(job, TaskResult)
+        result = await job.result()
+    assert (result.outcome, result.value, len(calls)) == (Outcome.SUCCEEDED, "second", 2)
+    assert summaries(logged)["retried"]["attempts"] == 2
+    assert dispatcher.slots.state() == SlotState("ready", 0, 1, 0)
+
+
+async def test_run_now_a_task_that_waits_survives_its_client_as_a_job(
+    dispatcher: Dispatcher,
+) -> None:
+    gate = Gate()
+    job = dispatcher.run_now(gated(gate, "waits"))
+    assert not isinstance(job, TaskResult)
+    assert gate.started.is_set() and job.running  # its first step ran in this task
+    assert dispatcher.slots.state() == SlotState("ready", 1, 1, 0)
+    client = asyncio.create_task(job.result())
+    await suspended(client)
+    client.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await client
+    assert not job.task.done()
+    gate.open.set()
+    result = await job.task
+    assert (result.outcome, result.value) == (Outcome.SUCCEEDED, "through")
+    assert dispatcher.counts == {Outcome.SUCCEEDED: 1}
+    assert dispatcher.slots.state() == SlotState("ready", 0, 1, 0)
+
+
+async def test_run_now_times_a_waiting_task_out_from_its_start(runner: Runner) -> None:
+    dispatcher = Dispatcher(SlotManager(limit=1, max_queue=10), runner)
+    job = dispatcher.run_now(task(function("hangs", hangs, timeout=0.05), "slow"))
+    assert not isinstance(job, TaskResult)
+    result = await job.result()
+    assert (result.outcome, result.reason) == (Outcome.TIMED_OUT, Reason.TIMEOUT)
+    assert dispatcher.slots.state() == SlotState("ready", 0, 1, 0)
+
+
+async def test_run_now_queues_behind_a_busy_slot_and_a_queued_client_leaving_frees_it(
+    dispatcher: Dispatcher,
+) -> None:
+    holder, waiter = Gate(), Gate()
+    held = dispatcher.run_now(gated(holder, "holder"))
+    queued = dispatcher.run_now(gated(waiter, "queued"))
+    assert not isinstance(held, TaskResult) and not isinstance(queued, TaskResult)
+    assert dispatcher.slots.state().queue == 1 and not waiter.ran
+    client = asyncio.create_task(queued.result())
+    await suspended(client)
+    client.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await client
+    await wait_for(lambda: dispatcher.slots.state().queue == 0)
+    holder.open.set()
+    await held.task
+    assert not waiter.ran
+    assert dispatcher.slots.state() == SlotState("ready", 0, 1, 0)
+
+
+async def test_cancel_all_cancels_a_run_now_job_and_gives_its_slot_back(
+    dispatcher: Dispatcher,
+) -> None:
+    gate = Gate()
+    job = dispatcher.run_now(gated(gate, "cut"))
+    assert not isinstance(job, TaskResult)
+    assert dispatcher.cancel_all() == 1
+    result = await job.result()
+    assert (result.outcome, result.reason) == (Outcome.CANCELLED, Reason.SHUTDOWN)
+    await wait_for(lambda: dispatcher.in_flight == 0)
+    assert dispatcher.slots.state() == SlotState("ready", 0, 1, 0)

@@ -13,7 +13,7 @@ import reprlib
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -23,7 +23,7 @@ import structlog
 from worker.context import Mode, StreamWriter, TaskContext
 from worker.functions import FunctionSpec
 from worker.outcomes import Outcome, Reason, reason_of, verdict
-from worker.runner import Runner, RunResult
+from worker.runner import Runner, RunResult, Suspended
 from worker.slots import Admission, Lease, SlotManager
 
 _log = structlog.get_logger("worker.tasks")
@@ -115,6 +115,21 @@ class Job:
         return self.task.result()
 
 
+class _Begun:
+    """What `Dispatcher.run_now` hands a job whose first step it took: its context, when it
+    started, its slot, and that step's result (or the suspended call)."""
+
+    __slots__ = ("ctx", "first", "lease", "started")
+
+    def __init__(
+        self, ctx: TaskContext, started: float, lease: Lease, first: RunResult | Suspended
+    ) -> None:
+        self.ctx = ctx
+        self.started = started
+        self.lease = lease
+        self.first = first
+
+
 class Dispatcher:
     """Owns every accepted task until it has an outcome."""
 
@@ -142,11 +157,46 @@ class Dispatcher:
     def submit(self, spec: TaskSpec, stream: StreamWriter | None = None) -> Job:
         """Queue a task (raises Unavailable when the worker cannot take it) and start its job."""
         job = Job(spec, self.slots.admit(spec.priority))
-        job.task = asyncio.create_task(self._run(job, stream))
+        self._start(job, self._run(job, stream))
+        return job
+
+    def _start(self, job: Job, run: Coroutine[Any, Any, TaskResult]) -> None:
+        job.task = asyncio.create_task(run)
         self._jobs.add(job)
         self._all_done.clear()
         job.task.add_done_callback(lambda _: self._forget(job))
-        return job
+
+    def run_now(self, spec: TaskSpec) -> TaskResult | Job:
+        """Mode sync's submit: a coroutine function that gets a slot at once runs its first
+        step here, in the caller's task, and most end there: no job, no task, no timer, and
+        nothing to cancel, since they never wait. Otherwise (queued, waiting, retrying, other
+        kinds) the task goes on as a job, as `submit` would start it."""
+        admission = self.slots.admit(spec.priority)
+        if not admission.granted or spec.function.kind != "async":
+            job = Job(spec, admission)
+            self._start(job, self._run(job, None))
+            return job
+        lease = admission.take()
+        log = _log.bind(task_id=spec.task_id, function=spec.function.name)
+        ctx = TaskContext(
+            spec.task_id, spec.function.name, spec.priority, spec.mode, None, log, self.services
+        )
+        started = time.monotonic()
+        try:
+            first = self.runner.first_step(spec.function, spec.params, ctx)
+        except asyncio.CancelledError as exc:  # raised by the function itself, at once
+            reason = reason_of(exc)
+            first = RunResult(Outcome.CANCELLED, error=reason.value, reason=reason)
+        except BaseException:
+            lease.release()
+            raise
+        if isinstance(first, Suspended) or not self.runner.final(spec.function, first):
+            job = Job(spec, admission)
+            job.running = True
+            self._start(job, self._run(job, None, _Begun(ctx, started, lease, first)))
+            return job
+        lease.release()
+        return self._ended(log, spec, first, started, started, time.monotonic())
 
     def _forget(self, job: Job) -> None:
         if job.task.cancelled():
@@ -178,21 +228,36 @@ class Dispatcher:
             job.cancel(reason)
         return len(self._jobs)
 
-    async def _run(self, job: Job, stream: StreamWriter | None) -> TaskResult:
+    async def _run(
+        self, job: Job, stream: StreamWriter | None, begun: _Begun | None = None
+    ) -> TaskResult:
         spec = job.spec
-        log = _log.bind(task_id=spec.task_id, function=spec.function.name)
-        ctx = TaskContext(
-            spec.task_id, spec.function.name, spec.priority, spec.mode, stream, log, self.services
-        )
-        accepted = time.monotonic()
         started: float | None = None
         lease: Lease | None = None
+        first: RunResult | Suspended | None = None
+        if begun is None:
+            log = _log.bind(task_id=spec.task_id, function=spec.function.name)
+            ctx = TaskContext(
+                spec.task_id,
+                spec.function.name,
+                spec.priority,
+                spec.mode,
+                stream,
+                log,
+                self.services,
+            )
+            accepted = time.monotonic()
+        else:  # run_now took the slot and the first step
+            ctx, log = begun.ctx, begun.ctx.log
+            accepted = started = begun.started
+            lease, first = begun.lease, begun.first
         result = RunResult(Outcome.CANCELLED)
         try:
-            lease = await job.admission.lease()
-            job.running = True
-            started = time.monotonic()
-            result = await self.runner.run(spec.function, spec.params, ctx)
+            if lease is None:
+                lease = await job.admission.lease()
+                job.running = True
+                started = time.monotonic()
+            result = await self.runner.run(spec.function, spec.params, ctx, first)
         except asyncio.CancelledError as exc:
             reason = job.reason if job.reason is not None else reason_of(exc)
             result = RunResult(Outcome.CANCELLED, error=reason.value, reason=reason)
@@ -202,7 +267,18 @@ class Dispatcher:
                     lease.release_when_done(result.overrun)
                 else:
                     lease.release()
-        ended = time.monotonic()
+        return self._ended(log, spec, result, accepted, started, time.monotonic())
+
+    def _ended(
+        self,
+        log: Any,
+        spec: TaskSpec,
+        result: RunResult,
+        accepted: float,
+        started: float | None,
+        ended: float,
+    ) -> TaskResult:
+        """Count, log and report a task's outcome: every task, once, whichever way it ran."""
         queue_wait = (started or ended) - accepted
         run_time = ended - started if started is not None else 0.0
         self.counts[result.outcome] += 1
