@@ -1,8 +1,11 @@
 """Accepted tasks: from a place in the queue, through a slot, to a recorded outcome.
 
-Each accepted task runs as a job (its own asyncio task) owned here, apart from the HTTP request
-that brought it: a client that hangs up while its task runs does not stop the task, and the
-outcome is still counted and logged. One summary line per task is written here and nowhere else.
+Each accepted task that waits runs as a job (its own asyncio task) owned here, apart from the
+HTTP request that brought it: a client that hangs up while its task runs does not stop the task,
+and the outcome is still counted and logged. A sync task whose function returns without ever
+waiting (the common case, `Dispatcher.run_now`) ends inside the request's task: with no await
+between its slot and its outcome, there is no point at which a hang-up could reach it. One
+summary line per task is written here and nowhere else.
 """
 
 from __future__ import annotations
