@@ -3,11 +3,12 @@
 built the same way, one at a time on uvloop. No sockets, no wrk, no second process: what is
 left between the two is the worker's own CPU time and its own allocations per task.
 
-    python -m bench.handler [--requests N] [--worker-source DIR]
+    python -m bench.handler --which worker|baseline [--requests N]
+    PYTHONPATH=/tmp/other python bench/handler.py   # another checkout's `worker` package
 
-Prints CPU µs per request (best of 5 batches), the difference, and memory blocks allocated per
-request (tracemalloc: blocks allocated during a request, freed or not; and blocks still held
-after it, which should be 0). docs/performance.md, "own work per task, in-process".
+Prints, per request: CPU µs (best of 5 batches), Python and C function calls, the peak of memory
+allocated at once (tracemalloc) and memory blocks still held after it (the worker keeps its
+last log lines for /logs). docs/performance.md, "The worker's own work, in-process".
 """
 
 from __future__ import annotations
@@ -96,8 +97,7 @@ async def measure(app: Any, count: int) -> dict[str, float]:
     _PROTOCOL = mock.Mock(_reading_paused=False)
     app.freeze()
     await app.startup()
-    handle = app._handle
-    requests = [request(app) for _ in range(count)]
+    handle = app._handle  # the application's entry, as aiohttp's server calls it
     response = await handle(request(app))
     assert response.status == 200, response.text
     best = float("inf")
@@ -108,7 +108,6 @@ async def measure(app: Any, count: int) -> dict[str, float]:
         for one in batch:
             await handle(one)
         best = min(best, time.process_time() - began)
-    del requests
     return {"cpu_us": best / count * 1e6, **await churn(handle, [request(app) for _ in range(300)])}
 
 
