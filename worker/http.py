@@ -75,13 +75,18 @@ def _log_refusal(refusals: Throttle, request: web.Request, reason: str) -> None:
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
-    too_large = PayloadTooLarge(f"Request body is larger than {limit} bytes")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _too_large(limit)
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise too_large from None
+        raise _too_large(limit) from None
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    # Made only when needed: an exception and its message cost a task that fits.
+    return PayloadTooLarge(f"Request body is larger than {limit} bytes")
 
 
 class Api(Part):
