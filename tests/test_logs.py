@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import re
+import threading
 
 import structlog
 from hypothesis import given
@@ -115,10 +116,15 @@ def test_a_new_pipeline_takes_over_cached_loggers() -> None:
 
 class CountingOutput(io.StringIO):
     flushes = 0
+    writes = 0
 
     def flush(self) -> None:
         self.flushes += 1
         super().flush()
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
 
 
 async def test_lines_written_in_one_loop_turn_are_flushed_once() -> None:
@@ -126,10 +132,32 @@ async def test_lines_written_in_one_loop_turn_are_flushed_once() -> None:
     Logging(LogBuffer(10), output).configure("info", "json", [], {})
     for n in range(5):
         _log.info("line", n=n)
-    assert output.flushes == 0
+    assert (output.writes, output.flushes) == (0, 0)
     await asyncio.sleep(0)
-    assert output.flushes == 1
+    # One write: with PYTHONUNBUFFERED=1 (the units) each write to stdout is a system call.
+    assert (output.writes, output.flushes) == (1, 1)
     assert lines(output) == ["line"] * 5
+
+
+async def test_a_thread_line_is_written_at_once_while_loop_lines_wait() -> None:
+    output = CountingOutput()
+    Logging(LogBuffer(10), output).configure("info", "json", [], {})
+    _log.info("on the loop")
+    thread = threading.Thread(target=_log.info, args=("in a thread",))
+    thread.start()
+    thread.join(5)  # without yielding to the loop: its line still waits
+    assert lines(output) == ["in a thread"]
+    await asyncio.sleep(0)
+    assert lines(output) == ["in a thread", "on the loop"]
+
+
+async def test_stopping_the_logging_part_writes_the_waiting_lines() -> None:
+    output = CountingOutput()
+    part = Logging(LogBuffer(10), output)
+    part.configure("info", "json", [], {})
+    _log.info("last words")
+    await part.stop(0)
+    assert lines(output) == ["last words"]
 
 
 def test_lines_written_outside_the_loop_are_flushed_at_once() -> None:

@@ -8,12 +8,12 @@ routed through the same pipeline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
@@ -151,41 +151,50 @@ class LogBuffer:
 
 
 class _Sink:
-    """The structlog 'logger': masks, writes the line, and keeps it for /logs."""
+    """The structlog 'logger': masks, writes the line, and keeps it for /logs.
+
+    On the event loop, lines are kept and written together once the loop has run what is
+    ready: one write for the lines of many tasks under load, not one each (the units run with
+    PYTHONUNBUFFERED=1, where every write to stdout is a system call). Outside the loop
+    (threads, start-up) a line is written at once."""
 
     def __init__(self, output: TextIO, buffer: LogBuffer) -> None:
         self.output = output
         self.buffer = buffer
         self.mask = Masker(())
-        self._flush_pending = False
+        self._pending: list[str] | None = None  # lines waiting for the loop's write
+        self._loop_thread = 0
 
     def msg(self, line: str) -> None:
         line = self.mask(line)
-        try:
-            self.output.write(line + "\n")
-        except (OSError, ValueError):
-            pass  # a closed stdout must not take the daemon down; /logs still has the line
+        if self._pending is not None and threading.get_ident() == self._loop_thread:
+            self._pending.append(line)
         else:
-            self._flush_soon()
+            self._write_soon(line)
         self.buffer.append(line)
 
-    def _flush_soon(self) -> None:
-        """Flush once the event loop has run what is ready (one write for the lines of many
-        tasks under load, not one each); at once outside the loop (threads, startup)."""
-        if self._flush_pending:
-            return
+    def _write_soon(self, line: str) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._flush()
+            self._write([line])
             return
-        self._flush_pending = True
-        loop.call_soon(self._flush)
+        self._pending = [line]
+        self._loop_thread = threading.get_ident()
+        loop.call_soon(self.flush)
 
-    def _flush(self) -> None:
-        self._flush_pending = False
-        with contextlib.suppress(OSError, ValueError):
+    def flush(self) -> None:
+        """Write the lines kept for the loop's turn now."""
+        lines, self._pending = self._pending, None
+        if lines:
+            self._write(lines)
+
+    def _write(self, lines: list[str]) -> None:
+        try:
+            self.output.write("\n".join(lines) + "\n")
             self.output.flush()
+        except (OSError, ValueError):
+            pass  # a closed stdout must not take the daemon down; /logs still has the lines
 
     debug = info = warning = error = critical = exception = log = msg
 
@@ -318,6 +327,7 @@ class Logging(Part):
         self.configure(new.logging.level, fmt, new.secrets(), environ)
 
     async def stop(self, deadline: float) -> None:
+        self.sink.flush()
         self.buffer.close()
 
     def configure(
