@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
-from collections.abc import Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,39 +27,6 @@ class RunResult:
     overrun: concurrent.futures.Future[Any] | None = None
     reason: Reason | None = None
     failure: BaseException | None = None  # what the function raised, for the log's traceback
-
-
-class Suspended:
-    """A coroutine function's first attempt whose first step ran in the caller's task and
-    stopped at an await: it goes on in a task of its own, under the timeout taken at its start."""
-
-    __slots__ = ("awaiting", "coro", "deadline")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], awaiting: Any, deadline: float) -> None:
-        self.coro = coro
-        self.awaiting = awaiting  # what the coroutine yielded to the event loop
-        self.deadline = deadline  # loop time
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        """Go on with the coroutine in the awaiting task, as if that task had started it:
-        what the task sends or throws in (a wake-up, a cancellation) is passed on."""
-        coro, yielded = self.coro, self.awaiting
-        while True:
-            try:
-                sent = yield yielded
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # CancelledError too: passed on
-                try:
-                    yielded = coro.throw(exc)
-                except StopIteration as done:
-                    return done.value
-            else:
-                try:
-                    yielded = coro.send(sent)
-                except StopIteration as done:
-                    return done.value
 
 
 def _error_text(exc: BaseException) -> str:
@@ -91,57 +57,19 @@ class Runner(Part):
         # A thread cannot be killed: what still runs was accounted for by the drain.
         self._threads.shutdown(wait=False, cancel_futures=True)
 
-    def first_step(
-        self, spec: FunctionSpec, params: dict[str, Any], ctx: TaskContext
-    ) -> RunResult | Suspended:
-        """Start the first attempt of a coroutine function in the calling task: most return
-        without ever waiting (no task, no timer needed), the others are Suspended; raises
-        only CancelledError."""
-        timeout = spec.timeout if spec.timeout is not None else self.default_timeout
-        deadline = asyncio.get_running_loop().time() + timeout
-        coro = spec.handler(params, ctx)
-        try:
-            awaiting = coro.send(None)
-        except StopIteration as done:
-            return RunResult(Outcome.SUCCEEDED, value=done.value)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            return RunResult(Outcome.FAILED, error=_error_text(exc), failure=exc)
-        return Suspended(coro, awaiting, deadline)
-
-    def final(self, spec: FunctionSpec, first: RunResult) -> bool:
-        """True when a first attempt's result is the call's result (no retry follows)."""
-        return first.outcome is not Outcome.FAILED or spec.max_retries == 0
-
-    async def run(
-        self,
-        spec: FunctionSpec,
-        params: dict[str, Any],
-        ctx: TaskContext,
-        first: RunResult | Suspended | None = None,
-    ) -> RunResult:
+    async def run(self, spec: FunctionSpec, params: dict[str, Any], ctx: TaskContext) -> RunResult:
         """Call `spec` up to 1 + max_retries times while it raises; never raises itself
-        except CancelledError, which the caller turns into a cancelled outcome. `first` is
-        the first attempt's `first_step`, when the caller took it."""
+        except CancelledError, which the caller turns into a cancelled outcome."""
         timeout = spec.timeout if spec.timeout is not None else self.default_timeout
         attempt = 0
         while True:
             attempt += 1
-            if first is None:
-                result = await self._attempt(spec, params, ctx, timeout)
-            elif isinstance(first, Suspended):
-                result = await self._resume(first, timeout)
-            else:
-                result = first
-            first = None
+            result = await self._attempt(spec, params, ctx, timeout)
             if (
                 result.outcome is not Outcome.FAILED
                 or attempt > spec.max_retries
                 or _output_began(ctx)
             ):
-                if attempt == 1:
-                    return result
                 return RunResult(
                     result.outcome,
                     result.value,
@@ -152,21 +80,6 @@ class Runner(Part):
                     result.failure,
                 )
             ctx.log.warning("attempt failed, retrying", attempt=attempt, error=result.error)
-
-    @staticmethod
-    async def _resume(first: Suspended, seconds: float) -> RunResult:
-        """The rest of a first attempt that stopped at an await, until its deadline."""
-        try:
-            async with asyncio.timeout_at(first.deadline):
-                value = await first
-        except TimeoutError:
-            error = f"Function timed out after {seconds:g}s"
-            return RunResult(Outcome.TIMED_OUT, error=error, reason=Reason.TIMEOUT)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            return RunResult(Outcome.FAILED, error=_error_text(exc), failure=exc)
-        return RunResult(Outcome.SUCCEEDED, value=value)
 
     async def _attempt(
         self, spec: FunctionSpec, params: dict[str, Any], ctx: TaskContext, seconds: float

@@ -104,10 +104,6 @@ class Admission:
             raise
         return Lease(self._manager)
 
-    def take(self) -> Lease:
-        """The slot of an admission that was granted one at once (`granted`)."""
-        return Lease(self._manager)
-
     def abandon(self) -> None:
         """Give up this place: leave the queue, or give back a slot granted but never used."""
         self._manager._abandon(self)

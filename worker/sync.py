@@ -32,7 +32,5 @@ class SyncMode:
         self._dispatcher = dispatcher
 
     async def __call__(self, request: web.Request, spec: TaskSpec) -> web.StreamResponse:
-        ended = self._dispatcher.run_now(spec)
-        if isinstance(ended, TaskResult):
-            return result_response(ended)
-        return result_response(await ended.result())
+        job = self._dispatcher.submit(spec)
+        return result_response(await job.result())

@@ -1,11 +1,8 @@
 """Accepted tasks: from a place in the queue, through a slot, to a recorded outcome.
 
-Each accepted task that waits runs as a job (its own asyncio task) owned here, apart from the
-HTTP request that brought it: a client that hangs up while its task runs does not stop the task,
-and the outcome is still counted and logged. A sync task whose function returns without ever
-waiting (the common case, `Dispatcher.run_now`) ends inside the request's task: with no await
-between its slot and its outcome, there is no point at which a hang-up could reach it. One
-summary line per task is written here and nowhere else.
+Each accepted task runs as a job (its own asyncio task) owned here, apart from the HTTP request
+that brought it: a client that hangs up while its task runs does not stop the task, and the
+outcome is still counted and logged. One summary line per task is written here and nowhere else.
 """
 
 from __future__ import annotations
@@ -16,7 +13,7 @@ import reprlib
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -26,7 +23,7 @@ import structlog
 from worker.context import Mode, StreamWriter, TaskContext
 from worker.functions import FunctionSpec
 from worker.outcomes import Outcome, Reason, reason_of, verdict
-from worker.runner import Runner, RunResult, Suspended
+from worker.runner import Runner, RunResult
 from worker.slots import Admission, Lease, SlotManager
 
 _log = structlog.get_logger("worker.tasks")
@@ -118,21 +115,6 @@ class Job:
         return self.task.result()
 
 
-class _Begun:
-    """What `Dispatcher.run_now` hands a job whose first step it took: its context, when it
-    started, its slot, and that step's result (or the suspended call)."""
-
-    __slots__ = ("ctx", "first", "lease", "started")
-
-    def __init__(
-        self, ctx: TaskContext, started: float, lease: Lease, first: RunResult | Suspended
-    ) -> None:
-        self.ctx = ctx
-        self.started = started
-        self.lease = lease
-        self.first = first
-
-
 class Dispatcher:
     """Owns every accepted task until it has an outcome."""
 
@@ -160,46 +142,11 @@ class Dispatcher:
     def submit(self, spec: TaskSpec, stream: StreamWriter | None = None) -> Job:
         """Queue a task (raises Unavailable when the worker cannot take it) and start its job."""
         job = Job(spec, self.slots.admit(spec.priority))
-        self._start(job, self._run(job, stream))
-        return job
-
-    def _start(self, job: Job, run: Coroutine[Any, Any, TaskResult]) -> None:
-        job.task = asyncio.create_task(run)
+        job.task = asyncio.create_task(self._run(job, stream))
         self._jobs.add(job)
         self._all_done.clear()
         job.task.add_done_callback(lambda _: self._forget(job))
-
-    def run_now(self, spec: TaskSpec) -> TaskResult | Job:
-        """Mode sync's submit: a coroutine function that gets a slot at once runs its first
-        step here, in the caller's task, and most end there: no job, no task, no timer, and
-        nothing to cancel, since they never wait. Otherwise (queued, waiting, retrying, other
-        kinds) the task goes on as a job, as `submit` would start it."""
-        admission = self.slots.admit(spec.priority)
-        if not admission.granted or spec.function.kind != "async":
-            job = Job(spec, admission)
-            self._start(job, self._run(job, None))
-            return job
-        lease = admission.take()
-        log = _log.bind(task_id=spec.task_id, function=spec.function.name)
-        ctx = TaskContext(
-            spec.task_id, spec.function.name, spec.priority, spec.mode, None, log, self.services
-        )
-        started = time.monotonic()
-        try:
-            first = self.runner.first_step(spec.function, spec.params, ctx)
-        except asyncio.CancelledError as exc:  # raised by the function itself, at once
-            reason = reason_of(exc)
-            first = RunResult(Outcome.CANCELLED, error=reason.value, reason=reason)
-        except BaseException:
-            lease.release()
-            raise
-        if isinstance(first, Suspended) or not self.runner.final(spec.function, first):
-            job = Job(spec, admission)
-            job.running = True
-            self._start(job, self._run(job, None, _Begun(ctx, started, lease, first)))
-            return job
-        lease.release()
-        return self._ended(log, spec, first, started, started, time.monotonic())
+        return job
 
     def _forget(self, job: Job) -> None:
         if job.task.cancelled():
@@ -231,36 +178,21 @@ class Dispatcher:
             job.cancel(reason)
         return len(self._jobs)
 
-    async def _run(
-        self, job: Job, stream: StreamWriter | None, begun: _Begun | None = None
-    ) -> TaskResult:
+    async def _run(self, job: Job, stream: StreamWriter | None) -> TaskResult:
         spec = job.spec
+        log = _log.bind(task_id=spec.task_id, function=spec.function.name)
+        ctx = TaskContext(
+            spec.task_id, spec.function.name, spec.priority, spec.mode, stream, log, self.services
+        )
+        accepted = time.monotonic()
         started: float | None = None
         lease: Lease | None = None
-        first: RunResult | Suspended | None = None
-        if begun is None:
-            log = _log.bind(task_id=spec.task_id, function=spec.function.name)
-            ctx = TaskContext(
-                spec.task_id,
-                spec.function.name,
-                spec.priority,
-                spec.mode,
-                stream,
-                log,
-                self.services,
-            )
-            accepted = time.monotonic()
-        else:  # run_now took the slot and the first step
-            ctx, log = begun.ctx, begun.ctx.log
-            accepted = started = begun.started
-            lease, first = begun.lease, begun.first
         result = RunResult(Outcome.CANCELLED)
         try:
-            if lease is None:
-                lease = await job.admission.lease()
-                job.running = True
-                started = time.monotonic()
-            result = await self.runner.run(spec.function, spec.params, ctx, first)
+            lease = await job.admission.lease()
+            job.running = True
+            started = time.monotonic()
+            result = await self.runner.run(spec.function, spec.params, ctx)
         except asyncio.CancelledError as exc:
             reason = job.reason if job.reason is not None else reason_of(exc)
             result = RunResult(Outcome.CANCELLED, error=reason.value, reason=reason)
@@ -270,18 +202,7 @@ class Dispatcher:
                     lease.release_when_done(result.overrun)
                 else:
                     lease.release()
-        return self._ended(log, spec, result, accepted, started, time.monotonic())
-
-    def _ended(
-        self,
-        log: Any,
-        spec: TaskSpec,
-        result: RunResult,
-        accepted: float,
-        started: float | None,
-        ended: float,
-    ) -> TaskResult:
-        """Count, log and report a task's outcome: every task, once, whichever way it ran."""
+        ended = time.monotonic()
         queue_wait = (started or ended) - accepted
         run_time = ended - started if started is not None else 0.0
         self.counts[result.outcome] += 1
