@@ -22,15 +22,21 @@ try:  # parse as the worker does (worker/jsoncodec.py); answer with the same tex
     import orjson
 
     loads: Callable[[bytes], Any] = orjson.loads
+    dumps: Callable[[Any], bytes] = orjson.dumps
 except ImportError:
     loads = json.loads
+
+    def dumps(body: Any) -> bytes:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
 
 CHUNK = b"x" * 65536
 _started = itertools.count()
 
 
 def answer(body: Any, status: int = 200) -> web.Response:
-    return web.Response(text=json.dumps(body), status=status, content_type="application/json")
+    headers = {"Content-Type": "application/json; charset=utf-8"}
+    return web.Response(body=dumps(body), status=status, headers=headers)
 
 
 class Baseline:

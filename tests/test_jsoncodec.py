@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import pytest
@@ -29,3 +30,30 @@ def test_loads_says_when_it_is_nested_too_deeply() -> None:
 
 def test_log_serializer_uses_the_fallback_handler() -> None:
     assert json.loads(jsoncodec.dumps_log({"x": {1, 2}}, default=repr)) == {"x": "{1, 2}"}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"a": [1, 2.5, "é", None, True]}, {"big": 2**70}, {1: "int key"}, "x" * 3, [[[]]] * 300],
+)
+def test_answers_are_the_standard_librarys_compact_json(value: object) -> None:
+    expected = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    assert jsoncodec.dumps_answer(value).decode() == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), [float("inf")], {"a": object()}, {1, 2}, datetime.date(2026, 1, 1)],
+    ids=["NaN", "Infinity", "object", "set", "date"],
+)
+def test_answers_refuse_what_the_standard_library_refuses(value: object) -> None:
+    with pytest.raises(jsoncodec.NotJSON):
+        jsoncodec.dumps_answer(value)
+
+
+def test_answers_refuse_nesting_too_deep_for_the_standard_library() -> None:
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(jsoncodec.NotJSON):
+        jsoncodec.dumps_answer(deep)

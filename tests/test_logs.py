@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
+import threading
 
 import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.logs import MASK, LogBuffer, Logging, Masker, Throttle
+from worker import jsoncodec
+from worker.logs import MASK, JsonLine, LogBuffer, Logging, Masker, Throttle
 
 _log = structlog.get_logger("tests.levels")
 
@@ -113,10 +116,15 @@ def test_a_new_pipeline_takes_over_cached_loggers() -> None:
 
 class CountingOutput(io.StringIO):
     flushes = 0
+    writes = 0
 
     def flush(self) -> None:
         self.flushes += 1
         super().flush()
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
 
 
 async def test_lines_written_in_one_loop_turn_are_flushed_once() -> None:
@@ -124,10 +132,32 @@ async def test_lines_written_in_one_loop_turn_are_flushed_once() -> None:
     Logging(LogBuffer(10), output).configure("info", "json", [], {})
     for n in range(5):
         _log.info("line", n=n)
-    assert output.flushes == 0
+    assert (output.writes, output.flushes) == (0, 0)
     await asyncio.sleep(0)
-    assert output.flushes == 1
+    # One write: with PYTHONUNBUFFERED=1 (the units) each write to stdout is a system call.
+    assert (output.writes, output.flushes) == (1, 1)
     assert lines(output) == ["line"] * 5
+
+
+async def test_a_thread_line_is_written_at_once_while_loop_lines_wait() -> None:
+    output = CountingOutput()
+    Logging(LogBuffer(10), output).configure("info", "json", [], {})
+    _log.info("on the loop")
+    thread = threading.Thread(target=_log.info, args=("in a thread",))
+    thread.start()
+    thread.join(5)  # without yielding to the loop: its line still waits
+    assert lines(output) == ["in a thread"]
+    await asyncio.sleep(0)
+    assert lines(output) == ["in a thread", "on the loop"]
+
+
+async def test_stopping_the_logging_part_writes_the_waiting_lines() -> None:
+    output = CountingOutput()
+    part = Logging(LogBuffer(10), output)
+    part.configure("info", "json", [], {})
+    _log.info("last words")
+    await part.stop(0)
+    assert lines(output) == ["last words"]
 
 
 def test_lines_written_outside_the_loop_are_flushed_at_once() -> None:
@@ -135,3 +165,46 @@ def test_lines_written_outside_the_loop_are_flushed_at_once() -> None:
     Logging(LogBuffer(10), output).configure("info", "json", [], {})
     _log.info("from a thread or at startup")
     assert output.flushes == 1
+
+
+def _structlog_chain() -> list[object]:
+    """The json chain JsonLine stands for, as structlog's own processors."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer(serializer=jsoncodec.dumps_log),
+    ]
+
+
+def test_the_one_step_json_line_writes_what_structlogs_chain_writes() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        failure = exc
+    events = [
+        ("info", {"task_id": "t", "function": "f", "outcome": "succeeded", "event": "task"}),
+        ("warn", {"event": "w", "n": 1.5, "odd": object.__new__(Throttle)}),
+        ("exception", {"event": "e", "exc_info": failure}),
+        ("error", {"event": "e", "exc_info": None, "stack_info": False}),
+    ]
+    structlog.contextvars.bind_contextvars(request="r-1")
+    try:
+        for method, event in events:
+            ours = json.loads(JsonLine()(None, method, dict(event)))
+            theirs = dict(event)
+            for step in _structlog_chain():
+                theirs = step(None, method, theirs)  # type: ignore[operator]
+            expected = json.loads(theirs)  # type: ignore[arg-type]
+            assert list(ours) == list(expected)
+            stamp = ours.pop("timestamp")
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", stamp)
+            expected.pop("timestamp")
+            if "odd" in expected:  # a repr names the object's address
+                assert ours.pop("odd").startswith("<worker.logs.Throttle object")
+                expected.pop("odd")
+            assert ours == expected
+    finally:
+        structlog.contextvars.clear_contextvars()

@@ -113,17 +113,22 @@ async def _answer_and_close(request: web.Request, response: web.Response) -> Non
 
 
 async def _read_body(request: web.Request, limit: int, body_timeout: float) -> bytes:
-    too_large = PayloadTooLarge(f"Request body is larger than {limit} bytes")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _too_large(limit)
     try:
         async with asyncio.timeout(body_timeout):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise too_large from None
+        raise _too_large(limit) from None
     except TimeoutError:
         seconds = f"{body_timeout:g}"
         raise RequestTimeout(f"Request body not received within {seconds} s") from None
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    # Made only when needed: an exception and its message cost a task that fits.
+    return PayloadTooLarge(f"Request body is larger than {limit} bytes")
 
 
 class Api(Part):

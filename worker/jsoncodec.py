@@ -3,8 +3,9 @@
 `loads` accepts and refuses exactly what the standard library does: orjson is tried first,
 and anything it refuses (integers beyond 64 bits, deep nesting, UTF-16) goes through `json`,
 so the value, or the error, is the standard library's. NaN and Infinity are refused on both
-paths: they are not JSON. Log lines are compact JSON with orjson. Answers stay with the
-standard library (`dumps_result`), so their text does not depend on the installed extras.
+paths: they are not JSON. Log lines and answers (`dumps_answer`) are compact JSON, written by
+orjson when it is installed, which refuses what the standard library would refuse; a stream's
+JSON chunks keep the standard library's text (`dumps_result`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ def dumps_result(body: Any) -> str:
         raise NotJSON(f"Function result is not JSON-serialisable: {exc}") from None
 
 
+def _dumps_compact(body: Any) -> bytes:
+    """The standard library's compact JSON: what orjson writes for the same value, save the
+    spelling of some floats (1e16 against 1e+16)."""
+    try:
+        text = json.dumps(body, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise NotJSON(f"Function result is not JSON-serialisable: {exc}") from None
+    return text.encode()
+
+
 def _not_json(constant: str) -> Any:
     """Python's parser accepts NaN and Infinity; JSON has no such numbers (and NaN slips past
     every min/max check)."""
@@ -58,6 +69,24 @@ def _finite(text: str) -> float:
 
 
 if orjson is not None:
+    # Types the standard library refuses (dataclasses, datetimes) and subclasses of str, int,
+    # dict and list go to it, so the set of results answered does not depend on the extras.
+    _ANSWER_OPTIONS = (
+        orjson.OPT_PASSTHROUGH_DATACLASS
+        | orjson.OPT_PASSTHROUGH_DATETIME
+        | orjson.OPT_PASSTHROUGH_SUBCLASS
+    )
+
+    def dumps_answer(body: Any) -> bytes:
+        """An answer as compact JSON (UTF-8); NotJSON when it holds values JSON cannot (NaN,
+        Infinity, other types) or is nested too deeply."""
+        try:
+            raw: bytes = orjson.dumps(body, option=_ANSWER_OPTIONS)
+        except TypeError:  # also orjson.JSONEncodeError: big integers, other types, depth
+            return _dumps_compact(body)
+        if b"null" in raw:  # orjson writes NaN and Infinity as null: the standard library judges
+            return _dumps_compact(body)
+        return raw
 
     def loads(raw: bytes | str) -> Any:
         """Parse JSON text; ValueError (JSONDecodeError, UnicodeDecodeError) when it is not,
@@ -79,6 +108,11 @@ if orjson is not None:
 
     ENGINE = "orjson"
 else:  # pragma: no cover - depends on the installed extras
+
+    def dumps_answer(body: Any) -> bytes:
+        """An answer as compact JSON (UTF-8); NotJSON when it holds values JSON cannot (NaN,
+        Infinity, other types) or is nested too deeply."""
+        return _dumps_compact(body)
 
     def loads(raw: bytes | str) -> Any:
         """Parse JSON text; ValueError (JSONDecodeError, UnicodeDecodeError) when it is not."""

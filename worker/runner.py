@@ -70,6 +70,8 @@ class Runner(Part):
                 or attempt > spec.max_retries
                 or _output_began(ctx)
             ):
+                if attempt == 1:  # attempts is 1 already: no copy of the result
+                    return result
                 return RunResult(
                     result.outcome,
                     result.value,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from worker.jsoncodec import NotJSON, dumps_result
+from worker.jsoncodec import NotJSON, dumps_answer
 from worker.outcomes import Outcome, verdict
-from worker.responses import RETRY_AFTER, json_response
+from worker.responses import RETRY_AFTER, json_body, json_response
 from worker.tasks import Dispatcher, TaskResult, TaskSpec
 
 
@@ -15,10 +15,10 @@ def result_response(result: TaskResult) -> web.Response:
     headers = {"X-Task-Id": result.task_id}
     if result.outcome is Outcome.SUCCEEDED:
         try:
-            text = dumps_result({"success": True, "result": result.value})
+            raw = dumps_answer({"success": True, "result": result.value})
         except NotJSON as exc:
             return json_response({"success": False, "error": str(exc)}, 500, headers)
-        return web.Response(text=text, headers=headers, content_type="application/json")
+        return json_body(raw, 200, headers)
     status = verdict(result.outcome, result.reason).status
     if status == 503:
         headers["Retry-After"] = RETRY_AFTER

@@ -1,0 +1,161 @@
+"""The worker's own work per task, in-process: POST /task `hello` through the aiohttp application
+(middleware, route, handler, answer) against bench/baseline.py's handler, the same requests
+built the same way, one at a time on uvloop. No sockets, no wrk, no second process: what is
+left between the two is the worker's own CPU time and its own allocations per task.
+
+    python -m bench.handler --which worker|baseline [--requests N]
+    PYTHONPATH=/tmp/other python bench/handler.py   # another checkout's `worker` package
+
+Prints, per request: CPU µs (best of 5 batches), Python and C function calls, the peak of memory
+allocated at once (tracemalloc) and memory blocks still held after it (the worker keeps its
+last log lines for /logs). docs/performance.md, "The worker's own work, in-process".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import io
+import json
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = json.dumps({"function": "hello", "input": {"name": "Andera"}, "contract": 1}).encode()
+KEY = "bench-key"
+
+
+class _Null(io.TextIOBase):
+    """The log output: lines are rendered, masked and written, to nowhere."""
+
+    def write(self, s: str) -> int:
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def worker_app() -> Any:
+    from worker import config, functions, lifecycle
+    from worker.logs import LogBuffer, Logging
+    from worker.notify import Notifier
+
+    cfg = config.load(
+        None,
+        environ={},
+        flags={
+            "auth.auth_key": KEY,
+            "worker.functions": ["worker.examples", str(ROOT / "bench" / "functions.py")],
+            "load_balancer.websocket_port": 0,
+            "worker.slots": 100,
+        },
+    )
+    logging = Logging(LogBuffer(cfg.logging.max_lines), _Null())
+    logging.configure("info", "json", cfg.secrets(), {})
+    built = lifecycle.build(cfg, functions.load(cfg.worker.functions), logging, Notifier({}, 0), [])
+    built.slots.hold("starting", False)
+    return built.app
+
+
+def baseline_app() -> Any:
+    from aiohttp import web
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import baseline
+
+    app = web.Application()
+    app.router.add_post("/task", baseline.Baseline(KEY, 100).task)
+    return app
+
+
+def request(app: Any) -> Any:
+    from aiohttp import streams
+    from aiohttp.test_utils import make_mocked_request
+
+    payload = streams.StreamReader(_PROTOCOL, 2**16, loop=asyncio.get_running_loop())
+    payload.feed_data(BODY)
+    payload.feed_eof()
+    headers = {
+        "Authorization": KEY,
+        "Content-Type": "application/json",
+        "Content-Length": str(len(BODY)),
+    }
+    return make_mocked_request("POST", "/task", headers, app=app, payload=payload)
+
+
+_PROTOCOL: Any = None
+
+
+async def measure(app: Any, count: int) -> dict[str, float]:
+    from unittest import mock
+
+    global _PROTOCOL
+    _PROTOCOL = mock.Mock(_reading_paused=False)
+    app.freeze()
+    await app.startup()
+    handle = app._handle  # the application's entry, as aiohttp's server calls it
+    response = await handle(request(app))
+    assert response.status == 200, response.text
+    best = float("inf")
+    for _ in range(5):
+        batch = [request(app) for _ in range(count)]
+        gc.collect()
+        began = time.process_time()
+        for one in batch:
+            await handle(one)
+        best = min(best, time.process_time() - began)
+    return {"cpu_us": best / count * 1e6, **await churn(handle, [request(app) for _ in range(300)])}
+
+
+async def churn(handle: Any, batch: list[Any]) -> dict[str, float]:
+    """Per request: Python and C function calls (a profile hook counts them), the peak of
+    memory it had allocated at once (tracemalloc), and memory blocks still held after it."""
+    for one in batch[:100]:
+        await handle(one)
+    measured = batch[100:]
+    calls = 0
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        if event == "call" or event == "c_call":
+            calls += 1
+
+    sys.setprofile(count)
+    for one in measured:
+        await handle(one)
+    sys.setprofile(None)
+    gc.collect()
+    gc.disable()
+    blocks = sys.getallocatedblocks()
+    tracemalloc.start()
+    peak = 0
+    for one in measured:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        await handle(one)
+        peak += tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    held = sys.getallocatedblocks() - blocks
+    gc.enable()
+    n = len(measured)
+    return {"calls": calls / n, "peak_kib": peak / n / 1024, "held_blocks": held / n}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--which", choices=["worker", "baseline"], default="worker")
+    args = parser.parse_args()
+    import uvloop
+
+    app = worker_app() if args.which == "worker" else baseline_app()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        print(json.dumps(runner.run(measure(app, args.requests))))
+
+
+if __name__ == "__main__":
+    main()
