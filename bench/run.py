@@ -65,6 +65,7 @@ class Sizes:
     hold_seconds: float = 12.0  # (e) how long the slots stay busy while the queue fills
     starts: int = 5  # (f)
     idle_seconds: float = 10.0  # (g)
+    journaled_tasks: int = 10000  # (h) tasks in the journal when the worker is killed
 
 
 SMOKE = Sizes(
@@ -79,6 +80,7 @@ SMOKE = Sizes(
     hold_seconds=3.0,
     starts=1,
     idle_seconds=1.0,
+    journaled_tasks=200,
 )
 
 
@@ -111,11 +113,14 @@ def percentile(values: list[float], pct: float) -> float:
 class Server:
     """One server process (`worker` or `baseline`) with its own NOTIFY_SOCKET and log file."""
 
-    def __init__(self, kind: str, tmp: Path, slots: int, max_queue: int = 10000) -> None:
+    def __init__(
+        self, kind: str, tmp: Path, slots: int, max_queue: int = 10000, state_dir: str = ""
+    ) -> None:
         self.kind = kind
         self.tmp = tmp
         self.slots = slots
         self.max_queue = max_queue
+        self.state_dir = state_dir  # the worker's task journal lives there (h)
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.loop = "asyncio"
@@ -142,9 +147,10 @@ class Server:
         # 10,000; written only there, so that --worker-source still runs older trees.
         connections = self.slots + self.max_queue + 100
         bound = f"max_connections = {connections}\n" if self.max_queue > 10000 else ""
+        journal = f'state_dir = "{self.state_dir}"\n' if self.state_dir else ""
         config.write_text(
             "[worker]\n"
-            f"slots = {self.slots}\nmax_queue = {self.max_queue}\n"
+            f"slots = {self.slots}\nmax_queue = {self.max_queue}\n{journal}"
             f'functions = ["worker.examples", "{BENCH / "functions.py"}"]\n'
             f'[http]\nhost = "{HOST}"\nport = {self.port}\n{bound}'
             f'[auth]\nauth_key = "{AUTH_KEY}"\n'
@@ -242,9 +248,9 @@ class Server:
 
 @contextlib.contextmanager
 def running(
-    tmp: Path, kind: str, slots: int, loop: str, max_queue: int = 10000
+    tmp: Path, kind: str, slots: int, loop: str, max_queue: int = 10000, state_dir: str = ""
 ) -> Iterator[Server]:
-    server = Server(kind, tmp, slots, max_queue)
+    server = Server(kind, tmp, slots, max_queue, state_dir)
     try:
         server.start(loop)
         yield server
@@ -776,6 +782,66 @@ async def scenario_g(ctx: Context) -> dict[str, Any]:
     return raw
 
 
+async def journal_recovery(server: Server, count: int) -> dict[str, Any]:
+    """Journal `count` webhook tasks behind busy slots, kill -9, start again: seconds from exec
+    to READY=1 and to every task back in the queue."""
+    receiver = Receiver()
+    hold = {"function": "sleeper", "input": {"seconds": 60}, "contract": 1, "mode": "webhook"}
+    async with receiver.serving(), aiohttp.ClientSession(connector=connector(64)) as session:
+        hold["webhook"] = {"url": receiver.url}
+        pending = iter(range(count))
+
+        async def client() -> None:
+            for _ in pending:
+                status, answer = await post(session, server.url, hold)
+                if status != 202:
+                    raise BenchError(f"(h) webhook answered {status} {answer!r}")
+
+        async with asyncio.timeout(300):
+            await asyncio.gather(*(client() for _ in range(64)))
+        assert server.proc is not None
+        server.proc.kill()
+        server.proc.wait()
+        server.proc = None
+        began = time.perf_counter()
+        ready = server.start(server.loop)
+        # The tasks that were running come back as interrupted; the others are in line again.
+        waiting = count - server.slots
+
+        async def readmitted() -> int:
+            slots = await health_slots(session, server.url)
+            return slots["used"] + slots["queue"]
+
+        async with asyncio.timeout(120):
+            # Polling another process's /health: there is no event to wait on.
+            while await readmitted() < waiting:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        readmitted = time.perf_counter() - began
+    return {"tasks": count, "ready_s": ready, "readmitted_s": readmitted}
+
+
+async def scenario_h(ctx: Context) -> dict[str, Any]:
+    """The task journal: webhook accepted/s with it and without, and kill -9 recovery."""
+    count = ctx.sizes.webhook_tasks
+    journal = ctx.tmp / "journal"
+    with (
+        running(ctx.tmp, "worker", 100, ctx.loop, state_dir=str(journal)) as durable,
+        running(ctx.tmp, "worker", 100, ctx.loop) as memory,
+    ):
+        on = await webhooks(durable.url, count)
+        off = await webhooks(memory.url, count)
+    big = ctx.sizes.journaled_tasks
+    with running(
+        ctx.tmp, "worker", 10, ctx.loop, max_queue=big + 100, state_dir=str(ctx.tmp / "journal2")
+    ) as worker:
+        recovery = await journal_recovery(worker, big)
+    ctx.row("h", "accepted/s, journal on / off", on["accepted_per_s"], off["accepted_per_s"])
+    ctx.row("h", "  journal on / off", on["accepted_per_s"] / off["accepted_per_s"], None, ">= 0.5")
+    ctx.row("h", f"kill -9, {big} journaled: exec to READY=1 s", recovery["ready_s"])
+    ctx.row("h", "  exec to all queued again s", recovery["readmitted_s"], None, "< 2 s")
+    return {"on": on, "off": off, "recovery": recovery}
+
+
 SCENARIOS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
     "a": scenario_a,
     "b": scenario_b,
@@ -784,6 +850,7 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
     "e": scenario_e,
     "f": scenario_f,
     "g": scenario_g,
+    "h": scenario_h,
 }
 
 
@@ -888,7 +955,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the harness only")
-    parser.add_argument("--only", default="abcdefg", help="scenarios to run, e.g. a,f")
+    parser.add_argument("--only", default="abcdefgh", help="scenarios to run, e.g. a,f")
     parser.add_argument("--duration", type=float, help="seconds per wrk run in (a)")
     parser.add_argument("--rounds", type=int, help="A/B rounds in (a) and (b)")
     parser.add_argument(
