@@ -131,12 +131,20 @@ class Journal(Part):
         self._conn: sqlite3.Connection | None = None
         self._vacuum_due = False  # writer thread only: rows deleted since the last vacuum
         self._unwritten: list[Op] = []  # writer thread only: state changes a failure held back
+        self._cleanup: asyncio.TimerHandle | None = None  # in memory: the retention timer
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Open (moving a corrupt file aside), migrate, remove expired rows, start the writer."""
         self._loop = asyncio.get_running_loop()
+        if self.path is None:
+            # In memory nothing waits on a disk: the statements run on the event loop itself,
+            # where they cost less than the hop to a writer thread and back.
+            self._conn = self._open()
+            self._count(self._conn)
+            self._cleanup = self._loop.call_later(CLEANUP_EVERY, self._clean_up_in_memory)
+            return
         opened: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, args=(opened,), name="journal")
         self._thread.daemon = True  # a stuck disk must not keep the process alive past stop()
@@ -149,6 +157,13 @@ class Journal(Part):
 
     async def stop(self, deadline: float) -> None:
         """Write what is pending, then close; never raises."""
+        if self.path is None and self._conn is not None:
+            self._flush()
+            if self._cleanup is not None:
+                self._cleanup.cancel()
+            self._conn.close()
+            self._conn = None
+            return
         if self._thread is None:
             return
         self._flush()
@@ -310,15 +325,19 @@ class Journal(Part):
 
     # -- the event loop's side of the writer ------------------------------------------------
 
+    @property
+    def _is_open(self) -> bool:
+        return self._thread is not None or (self.path is None and self._conn is not None)
+
     async def _call(self, op: Op) -> Any:
-        if self._loop is None or self._thread is None:
+        if self._loop is None or not self._is_open:
             raise JournalUnavailable("the task journal is not open")
         future = self._loop.create_future()
         self._submit(op, future)
         return await future
 
     def _submit(self, op: Op, future: asyncio.Future[Any] | None) -> None:
-        if self._loop is None or self._thread is None:
+        if self._loop is None or not self._is_open:
             _log.error("task journal is not open; a state change is lost", path=str(self.path))
             return
         if not self._pending:
@@ -327,8 +346,16 @@ class Journal(Part):
 
     def _flush(self) -> None:
         if self._pending:
-            self._batches.put(self._pending)
-            self._pending = []
+            batch, self._pending = self._pending, []
+            if self.path is None:
+                self._write(batch)
+            else:
+                self._batches.put(batch)
+
+    def _clean_up_in_memory(self) -> None:
+        assert self._loop is not None
+        self._submit(self._expire, None)
+        self._cleanup = self._loop.call_later(CLEANUP_EVERY, self._clean_up_in_memory)
 
     def _settle(self, future: asyncio.Future[Any], result: Any) -> None:
         if future.cancelled():
