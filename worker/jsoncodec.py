@@ -32,16 +32,8 @@ def dumps_result(body: Any) -> str:
     result has values JSON cannot hold (NaN, Infinity, other types) or is nested too deeply."""
     try:
         return json.dumps(body, allow_nan=False)
-    except ValueError as exc:
-        if str(exc).startswith("Out of range float"):
-            cause = "it holds a NaN or infinite number, which JSON cannot represent"
-        else:
-            cause = str(exc)
-        raise NotJSON(f"Function result is not JSON-serialisable: {cause}") from None
-    except RecursionError:
-        raise NotJSON("Function result is not JSON-serialisable: nested too deeply") from None
-    except Exception as exc:  # a type JSON cannot hold, or an object that fails when read
-        raise NotJSON(f"Function result is not JSON-serialisable: {exc}") from None
+    except Exception as exc:  # also a type JSON cannot hold, or an object that fails when read
+        raise _not_json_result(exc) from None
 
 
 def _dumps_compact(body: Any) -> bytes:
@@ -49,9 +41,20 @@ def _dumps_compact(body: Any) -> bytes:
     spelling of some floats (1e16 against 1e+16)."""
     try:
         text = json.dumps(body, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise NotJSON(f"Function result is not JSON-serialisable: {exc}") from None
+    except Exception as exc:
+        raise _not_json_result(exc) from None
     return text.encode()
+
+
+def _not_json_result(exc: Exception) -> NotJSON:
+    """The one sentence every mode gives for a result JSON cannot hold."""
+    if isinstance(exc, RecursionError):
+        cause = "nested too deeply"
+    elif isinstance(exc, ValueError) and str(exc).startswith("Out of range float"):
+        cause = "it holds a NaN or infinite number, which JSON cannot represent"
+    else:
+        cause = str(exc)
+    return NotJSON(f"Function result is not JSON-serialisable: {cause}")
 
 
 def _not_json(constant: str) -> Any:
