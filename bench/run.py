@@ -958,6 +958,7 @@ def main() -> None:
     parser.add_argument("--only", default="abcdefgh", help="scenarios to run, e.g. a,f")
     parser.add_argument("--duration", type=float, help="seconds per wrk run in (a)")
     parser.add_argument("--rounds", type=int, help="A/B rounds in (a) and (b)")
+    parser.add_argument("--connections", help="(a)'s connection counts, e.g. 64 or 16,64")
     parser.add_argument(
         "--worker-source", type=Path, help="run `python -m worker` from this checkout instead"
     )
@@ -974,6 +975,8 @@ def main() -> None:
         sizes.duration = args.duration
     if args.rounds:
         sizes.rounds = args.rounds
+    if args.connections:
+        sizes.connections = tuple(int(n) for n in args.connections.split(","))
     names = [n for n in args.only.replace(",", "") if n in SCENARIOS]
     factory = None
     with contextlib.suppress(ImportError):
