@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import BaseTestServer, TestClient
 from hypothesis import settings
+from yarl import URL
 
 from worker import config, functions, lifecycle, parts
 from worker.logs import LogBuffer, Logging
@@ -65,8 +67,9 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
 class Running:
     """An in-process worker, its parts started as the daemon starts them, seen from a test.
 
-    The test server stands in for the HTTP listener, and the logging pipeline is the test
-    run's own (its part is neither reloaded nor given the daemon's output).
+    It serves on an ephemeral loopback port through its own listener (worker/server.py: the
+    edge, and handlers that a hanging-up client does not cancel); the logging pipeline is the
+    test run's own (its part is neither reloaded nor given the daemon's output).
     """
 
     def __init__(self, cfg: config.Config) -> None:
@@ -75,7 +78,7 @@ class Running:
         self.worker = lifecycle.build(
             cfg, functions.load(cfg.worker.functions), logging, Notifier({}, 0), []
         )
-        self.parts = [p for p in self.worker.parts if p is not self.worker.listener]
+        self.parts = list(self.worker.parts)
         self.slots = self.worker.slots
         self.dispatcher = self.worker.dispatcher
         self.deliveries = self.worker.deliveries
@@ -92,6 +95,36 @@ class Running:
 
     async def wait_drained(self) -> None:
         await self.worker.idle()
+
+
+class Listening(BaseTestServer):
+    """A test client's view of a worker's own listener: the worker's parts start and stop it."""
+
+    def __init__(self, running: Running) -> None:
+        super().__init__(host="127.0.0.1")
+        self.running = running
+        self.app: web.Application = running.worker.app
+
+    async def start_server(self, loop: Any = None, **kwargs: Any) -> None:
+        if self._root is not None:
+            return
+        await parts.start_all(self.running.parts)
+        self.running.slots.hold("starting", False)
+        (self.port,) = self.running.worker.listener.ports
+        self._root = URL(f"http://127.0.0.1:{self.port}")
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        raise NotImplementedError("the worker's own listener serves")
+
+    @property
+    def started(self) -> bool:
+        return self._root is not None
+
+    async def close(self) -> None:
+        if self._root is not None and not self._closed:
+            self._closed = True
+            self.running.logs.close()  # end /logs follows, as the daemon's stop does
+            await parts.stop_all(self.running.parts, asyncio.get_running_loop().time())
 
 
 Worker = tuple[TestClient[Any, Any], Running]
@@ -113,20 +146,9 @@ def worker_app(
     """Start a real server on loopback for a config; returns (client, running worker)."""
 
     async def start(**sections: dict[str, Any]) -> Worker:
-        running = Running(make_config(**sections))
-
-        async def run_parts(app: Any) -> Any:
-            await parts.start_all(running.parts)
-            running.slots.hold("starting", False)
-            yield
-            await parts.stop_all(running.parts, asyncio.get_running_loop().time())
-
-        async def end_follows(app: Any) -> None:
-            running.logs.close()
-
-        running.worker.app.on_shutdown.append(end_follows)
-        running.worker.app.cleanup_ctx.append(run_parts)
-        client = await aiohttp_client(running.worker.app)
+        http = {"host": "127.0.0.1", "port": 0, **sections.pop("http", {})}
+        running = Running(make_config(http=http, **sections))
+        client = await aiohttp_client(Listening(running))
         return client, running
 
     return start

@@ -117,6 +117,8 @@ async def _read_body(request: web.Request, limit: int, body_timeout: float) -> b
     if length is not None and length > limit:
         raise _too_large(limit)
     try:
+        if request.content.is_eof():  # the whole body came with the head: nothing to time
+            return await request.read()
         async with asyncio.timeout(body_timeout):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:

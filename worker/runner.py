@@ -29,6 +29,100 @@ class RunResult:
     failure: BaseException | None = None  # what the function raised, for the log's traceback
 
 
+class Deadline:
+    """One call's timeout: when it passes, the task running the call is cancelled."""
+
+    __slots__ = ("cancelling", "fired", "task", "when")
+
+    def __init__(self, when: float, task: asyncio.Task[Any]) -> None:
+        self.when = when
+        self.task = task
+        self.cancelling = task.cancelling()  # cancels asked before: not ours to absorb
+        self.fired = False
+
+    def fire(self) -> None:
+        self.fired = True
+        self.task.cancel(Reason.TIMEOUT)
+
+    def expired(self) -> bool:
+        """True when a CancelledError in the call is this deadline's (then absorbed)."""
+        if not self.fired:
+            return False
+        self.fired = False
+        return self.task.uncancel() <= self.cancelling
+
+    def settle(self) -> None:
+        """The call ended another way after the deadline fired: take its cancel back."""
+        if self.fired:
+            self.fired = False
+            self.task.uncancel()
+
+
+class _Lane:
+    """The deadlines of one timeout length, in the order they pass (one clock, one length),
+    behind a single timer of the event loop."""
+
+    __slots__ = ("deadlines", "loop", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.deadlines: dict[Deadline, None] = {}
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, deadline: Deadline) -> None:
+        self.deadlines[deadline] = None
+        if self.timer is None:
+            self.timer = self.loop.call_at(deadline.when, self._expire)
+
+    def _expire(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        deadlines = self.deadlines
+        while deadlines:
+            first = next(iter(deadlines))
+            if first.when > now:
+                self.timer = self.loop.call_at(first.when, self._expire)
+                return
+            del deadlines[first]
+            first.fire()
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.deadlines.clear()
+
+
+class Deadlines:
+    """Function timeouts at the cost of a dict entry a call: one loop timer per timeout length,
+    set again only when its earliest deadline has passed. (`asyncio.timeout` schedules and
+    cancels a timer for every call, and uvloop makes each timer a libuv handle, closed on a
+    later turn of the loop.) A finished call leaves its lane at once; the timer may then fire
+    early for nothing and is set for the next deadline."""
+
+    def __init__(self) -> None:
+        self._lanes: dict[float, _Lane] = {}
+
+    def start(self, seconds: float, task: asyncio.Task[Any]) -> Deadline:
+        loop = task.get_loop()
+        lane = self._lanes.get(seconds)
+        if lane is None or lane.loop is not loop:
+            lane = self._lanes[seconds] = _Lane(loop)
+        deadline = Deadline(loop.time() + seconds, task)
+        lane.add(deadline)
+        return deadline
+
+    def end(self, seconds: float, deadline: Deadline) -> None:
+        lane = self._lanes.get(seconds)
+        if lane is not None:
+            lane.deadlines.pop(deadline, None)
+
+    def close(self) -> None:
+        for lane in self._lanes.values():
+            lane.close()
+        self._lanes.clear()
+
+
 def _error_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
@@ -49,6 +143,7 @@ class Runner(Part):
         self._threads = concurrent.futures.ThreadPoolExecutor(
             max_workers=1024, thread_name_prefix="function"
         )
+        self._deadlines = Deadlines()
 
     def apply(self, new: Config) -> None:
         self.default_timeout = new.worker.default_timeout
@@ -56,6 +151,7 @@ class Runner(Part):
     async def stop(self, deadline: float) -> None:
         # A thread cannot be killed: what still runs was accounted for by the drain.
         self._threads.shutdown(wait=False, cancel_futures=True)
+        self._deadlines.close()
 
     async def run(self, spec: FunctionSpec, params: dict[str, Any], ctx: TaskContext) -> RunResult:
         """Call `spec` up to 1 + max_retries times while it raises; never raises itself
@@ -87,17 +183,21 @@ class Runner(Part):
         self, spec: FunctionSpec, params: dict[str, Any], ctx: TaskContext, seconds: float
     ) -> RunResult:
         thread: concurrent.futures.Future[Any] | None = None
+        task = asyncio.current_task()
+        assert task is not None
+        deadline = self._deadlines.start(seconds, task)
         try:
-            async with asyncio.timeout(seconds):
-                if spec.kind == "thread":
-                    call = contextvars.copy_context().run
-                    thread = self._threads.submit(call, spec.handler, params, ctx)
-                    value = await asyncio.wrap_future(thread)
-                elif spec.kind == "generator":
-                    value = await self._drain_generator(spec, params, ctx)
-                else:
-                    value = await spec.handler(params, ctx)
-        except TimeoutError:
+            if spec.kind == "thread":
+                call = contextvars.copy_context().run
+                thread = self._threads.submit(call, spec.handler, params, ctx)
+                value = await asyncio.wrap_future(thread)
+            elif spec.kind == "generator":
+                value = await self._drain_generator(spec, params, ctx)
+            else:
+                value = await spec.handler(params, ctx)
+        except asyncio.CancelledError:
+            if not deadline.expired():
+                raise
             overrun = thread if thread is not None and not thread.done() else None
             return RunResult(
                 Outcome.TIMED_OUT,
@@ -105,10 +205,11 @@ class Runner(Part):
                 overrun=overrun,
                 reason=Reason.TIMEOUT,
             )
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             return RunResult(Outcome.FAILED, error=_error_text(exc), failure=exc)
+        finally:
+            self._deadlines.end(seconds, deadline)
+            deadline.settle()
         return RunResult(Outcome.SUCCEEDED, value=value)
 
     @staticmethod

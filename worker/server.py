@@ -16,6 +16,7 @@ import logging
 import math
 import resource
 import socket
+from collections.abc import Callable
 from typing import Any, cast
 
 import structlog
@@ -138,12 +139,41 @@ class Edge:
         self._warned_counts = (self.evicted, self.refused)
 
 
+def on_hang_up(request: BaseRequest, callback: Callable[[], None]) -> Callable[[], None]:
+    """Call `callback` once if the client's connection is lost before the returned undo is
+    called (at once if it is lost already).
+
+    The listener does not cancel a request's handler when its client goes: a running sync task
+    runs to completion in its request's own task. A handler that must give up something when
+    its client leaves (a place in the queue, a stream) says so here.
+    """
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        callback()
+        return _nothing
+    connection = transport.get_protocol()
+    if not isinstance(connection, _Connection):
+        return _nothing  # not served by the edge (an in-process harness): nothing to watch
+    connection.on_lost = callback
+
+    def undo() -> None:
+        if connection.on_lost is callback:
+            connection.on_lost = None
+
+    return undo
+
+
+def _nothing() -> None:
+    pass
+
+
 class _Connection(asyncio.Protocol):
     """One client connection: aiohttp's handler gets every event; until the first request head
     is complete, a timer runs and each chunk is searched for the head's end. Later heads on a
-    kept-alive connection are bounded by aiohttp's keep-alive timer, and bodies by the API."""
+    kept-alive connection are bounded by aiohttp's keep-alive timer, and bodies by the API.
+    `on_lost` is the current request's hang-up callback (`on_hang_up`), if it set one."""
 
-    __slots__ = ("_edge", "_handler", "_tail", "_timer", "_transport")
+    __slots__ = ("_edge", "_handler", "_tail", "_timer", "_transport", "on_lost")
 
     def __init__(self, edge: Edge) -> None:
         self._edge = edge
@@ -151,6 +181,7 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._tail = b""  # the last bytes of a head in progress: its end may straddle chunks
+        self.on_lost: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -178,6 +209,9 @@ class _Connection(asyncio.Protocol):
         self._edge.forget(self)
         if self._handler is not None:
             self._handler.connection_lost(exc)
+        callback, self.on_lost = self.on_lost, None
+        if callback is not None:
+            callback()
 
     def pause_writing(self) -> None:
         if self._handler is not None:
@@ -291,7 +325,9 @@ class HttpServer(Part):
             )
         runner = web.AppRunner(
             self._app,
-            handler_cancellation=True,
+            # A client that hangs up does not cancel its handler: a running sync task runs on
+            # in it. Handlers that must react say so with `on_hang_up`.
+            handler_cancellation=False,
             access_log=logging.getLogger("worker.access"),
             access_log_class=self._access_log_class(),
             shutdown_timeout=SHUTDOWN_TIMEOUT,

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from worker.jsoncodec import NotJSON, dumps_result
 from worker.outcomes import Outcome, Reason
+from worker.server import on_hang_up
 from worker.sync import result_response
 from worker.tasks import Dispatcher, Job, TaskResult, TaskSpec
 
@@ -147,10 +148,13 @@ class StreamMode:
         stream = StreamAnswer(request, spec.task_id, wants_events(request))
         job = self._dispatcher.submit(spec, stream=stream)
         stream.job = job
+        # Unlike sync, a stream stops with its client, queued or running.
+        undo = on_hang_up(request, lambda: job.cancel(Reason.CLIENT_GONE_STREAMING))
         try:
             result = await job.result()
         except asyncio.CancelledError:
-            # The client left (handler cancelled): unlike sync, a stream stops with its client.
-            job.cancel(Reason.CLIENT_GONE_STREAMING)
+            job.cancel(Reason.CLIENT_GONE_STREAMING)  # the handler itself was cancelled
             raise
+        finally:
+            undo()
         return await stream.finish(result)

@@ -7,6 +7,7 @@ from aiohttp import web
 from worker.jsoncodec import NotJSON, dumps_answer
 from worker.outcomes import Outcome, verdict
 from worker.responses import RETRY_AFTER, json_body, json_response
+from worker.server import on_hang_up
 from worker.tasks import Dispatcher, TaskResult, TaskSpec
 
 
@@ -26,11 +27,12 @@ def result_response(result: TaskResult) -> web.Response:
 
 
 class SyncMode:
-    """Runs the task and answers with its result once it has ended."""
+    """Runs the task in its request's own task and answers with its result once it has ended;
+    a client that leaves while its task is queued takes it out of the queue."""
 
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
 
     async def __call__(self, request: web.Request, spec: TaskSpec) -> web.StreamResponse:
-        job = self._dispatcher.submit(spec)
-        return result_response(await job.result())
+        result = await self._dispatcher.run_here(spec, lambda abandon: on_hang_up(request, abandon))
+        return result_response(result)

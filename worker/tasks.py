@@ -76,7 +76,8 @@ class Job:
         self.on_start = on_start  # told when the task takes its slot (the journal)
         self.running = False
         self.reason: Reason | None = None  # why it was cancelled, once it was
-        self.task: asyncio.Task[TaskResult]
+        # The task it runs in: its own (`submit`), or its request's (`run_here`).
+        self.task: asyncio.Task[Any]
 
     def cancel(self, reason: Reason) -> None:
         """Cancel the task, keeping why: asyncio hands the reason to its first reader only."""
@@ -115,7 +116,8 @@ class Job:
         if failure is not None:  # _run records every outcome itself; this is a bug's trace
             error = f"internal error: {failure!r}"
             return TaskResult(self.spec.task_id, Outcome.FAILED, error=error)
-        return self.task.result()
+        result: TaskResult = self.task.result()  # a job of `submit`: its task is its _run
+        return result
 
 
 class Dispatcher:
@@ -157,6 +159,34 @@ class Dispatcher:
         self._all_done.clear()
         job.task.add_done_callback(lambda _: self._forget(job))
         return job
+
+    async def run_here(
+        self, spec: TaskSpec, watch: Callable[[Callable[[], None]], Callable[[], None]]
+    ) -> TaskResult:
+        """Run a task in the calling task (mode sync: its request's own), which nothing but the
+        shutdown and the client leaving the queue cancels. While the task waits for a slot,
+        `watch(abandon)` has `abandon` called if the client goes, and returns its undo.
+
+        No second task, future or shield for a task that gets its slot at once: the request's
+        handler is not cancelled when its client hangs up (worker/server.py), so a running task
+        runs to completion where it is."""
+        job = Job(spec, self.slots.admit(spec.priority))
+        task = asyncio.current_task()
+        assert task is not None
+        job.task = task
+        if not job.admission.granted:
+            job.on_start = watch(job.abandon)
+        self._jobs.add(job)
+        self._all_done.clear()
+        try:
+            result = await self._run(job, None)
+        finally:
+            self._jobs.discard(job)
+            if not self._jobs:
+                self._all_done.set()
+        if result.reason is not None and job.reason is not None:
+            task.uncancel()  # the cancel was ours, and _run has answered it
+        return result
 
     def _forget(self, job: Job) -> None:
         if job.task.cancelled():
