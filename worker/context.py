@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
+
+import structlog
 
 Mode = Literal["sync", "stream", "webhook"]
 _NO_SERVICES: Mapping[str, Any] = MappingProxyType({})
@@ -22,18 +24,44 @@ class StreamWriter(Protocol):
         ...
 
 
-@dataclass(frozen=True)
 class TaskContext:
     """Passed to every function as `ctx`; `stream` is set only in mode "stream"."""
 
-    task_id: str
-    function: str
-    priority: int
-    mode: Mode
-    stream: StreamWriter | None
-    log: Any  # a structlog BoundLogger carrying task_id and function
-    # The started services' values by name (`@service`), as they are now.
-    services: Mapping[str, Any] = field(default_factory=lambda: _NO_SERVICES)
+    __slots__ = ("_log", "function", "mode", "priority", "services", "stream", "task_id")
+
+    def __init__(
+        self,
+        task_id: str,
+        function: str,
+        priority: int,
+        mode: Mode,
+        stream: StreamWriter | None,
+        log: Any = None,
+        services: Mapping[str, Any] = _NO_SERVICES,
+    ) -> None:
+        self.task_id = task_id
+        self.function = function
+        self.priority = priority
+        self.mode = mode
+        self.stream = stream
+        self._log = log
+        # The started services' values by name (`@service`), as they are now.
+        self.services = services
+
+    @property
+    def log(self) -> Any:
+        """A structlog BoundLogger carrying task_id and function; bound at first use (most
+        functions never log, and binding costs every task)."""
+        if self._log is None:
+            self._log = structlog.get_logger("worker.tasks").bind(
+                task_id=self.task_id, function=self.function
+            )
+        return self._log
+
+    def __repr__(self) -> str:
+        return (
+            f"TaskContext(task_id={self.task_id!r}, function={self.function!r}, mode={self.mode!r})"
+        )
 
 
 @dataclass(frozen=True)

@@ -222,11 +222,37 @@ WorkerLogger: type[Any] = type(
 )
 
 
+_LEVEL = [logging.DEBUG]  # the level in force, for `emit`
+
+
 def set_level(level: int) -> None:
     """Make every bound logger, cached or not, filter at `level`: below it a call is a no-op."""
     for name, attr in vars(structlog.make_filtering_bound_logger(level)).items():
         if not name.startswith("__"):
             setattr(WorkerLogger, name, attr)
+    _LEVEL[0] = level
+
+
+def enabled(level: int) -> bool:
+    return level >= _LEVEL[0]
+
+
+_METHODS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
+_METHODS |= {logging.ERROR: "error", logging.CRITICAL: "critical"}
+
+
+def emit(level: int, event: str, fields: dict[str, Any]) -> None:
+    """Write `fields` as the line `structlog.get_logger().log(level, event, **fields)` writes
+    (same keys, same order), taking `fields` as the event dict. The json format renders it in
+    one step, skipping structlog's per-call copies and dispatch: the task summary line is
+    written for every task. Other formats, and a test's `capture_logs`, go through structlog."""
+    if level < _LEVEL[0]:
+        return
+    if len(_PROCESSORS) != 1 or type(_PROCESSORS[0]) is not JsonLine:
+        structlog.get_logger("worker.tasks").log(level, event, **fields)
+        return
+    fields["event"] = event
+    _OUTPUT.msg(_PROCESSORS[0](_OUTPUT, _METHODS.get(level, "info"), fields))
 
 
 def journal_stream_is(output: TextIO, environ: Mapping[str, str]) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from worker import logs
 from worker.context import Mode, StreamWriter, TaskContext
 from worker.functions import FunctionSpec
 from worker.outcomes import Outcome, Reason, reason_of, verdict
@@ -220,9 +221,8 @@ class Dispatcher:
 
     async def _run(self, job: Job, stream: StreamWriter | None) -> TaskResult:
         spec = job.spec
-        log = _log.bind(task_id=spec.task_id, function=spec.function.name)
         ctx = TaskContext(
-            spec.task_id, spec.function.name, spec.priority, spec.mode, stream, log, self.services
+            spec.task_id, spec.function.name, spec.priority, spec.mode, stream, None, self.services
         )
         accepted = time.monotonic()
         started: float | None = None
@@ -248,7 +248,7 @@ class Dispatcher:
         queue_wait = (started or ended) - accepted
         run_time = ended - started if started is not None else 0.0
         self.counts[result.outcome] += 1
-        self._log_summary(log, spec, result, queue_wait, run_time)
+        self._log_summary(spec, result, queue_wait, run_time)
         ended_as = TaskResult(
             spec.task_id,
             result.outcome,
@@ -263,10 +263,10 @@ class Dispatcher:
         return ended_as
 
     @staticmethod
-    def _log_summary(
-        log: Any, spec: TaskSpec, result: RunResult, queue_wait: float, run_time: float
-    ) -> None:
+    def _log_summary(spec: TaskSpec, result: RunResult, queue_wait: float, run_time: float) -> None:
         fields: dict[str, Any] = {
+            "task_id": spec.task_id,
+            "function": spec.function.name,
             "outcome": result.outcome.value,
             "priority": spec.priority,
             "mode": spec.mode,
@@ -280,10 +280,15 @@ class Dispatcher:
         if result.failure is not None:
             # One field of the same event: journald and JSON readers keep it with its task.
             fields["traceback"] = "".join(traceback.format_exception(result.failure)).rstrip()
-        log.log(verdict(result.outcome, result.reason).level, "task", **fields)
+        logs.emit(verdict(result.outcome, result.reason).level, "task", fields)
         if (
             result.outcome is Outcome.SUCCEEDED
             and spec.function.log_result
-            and log.is_enabled_for(logging.DEBUG)
+            and logs.enabled(logging.DEBUG)
         ):
-            log.debug("task result", result=_RESULT_REPR.repr(result.value)[:500])
+            _log.debug(
+                "task result",
+                task_id=spec.task_id,
+                function=spec.function.name,
+                result=_RESULT_REPR.repr(result.value)[:500],
+            )
