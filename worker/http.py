@@ -49,37 +49,37 @@ Answer = Callable[[web.Request, TaskSpec], Awaitable[web.StreamResponse]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-REFUSED_LOG = web.AppKey("refused_log", Throttle)  # refused credentials, per remote address
+def answered(route: str, handler: Handler, metrics: Metrics, refusals: Throttle) -> Handler:
+    """`handler` with every error answered as `{"success": false, "error": ...}` with its
+    status and headers, a refused credential logged with the remote address (at most a line a
+    second each), and every answer counted for /metrics under `route`.
 
+    A wrapper per route rather than an aiohttp middleware: a middleware costs every request
+    a chain aiohttp builds and two more coroutines, about 5 us of a sync task's 30."""
 
-METRICS = web.AppKey("metrics", Metrics)
+    async def answer(request: web.Request) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except WorkerError as exc:
+            if isinstance(exc, Unauthorized):
+                _log_refusal(refusals, request, exc.message)
+            response = json_response(exc.body(), exc.status, dict(exc.headers))
+            if exc.closes_connection:
+                await _answer_and_close(request, response)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            headers = {
+                k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")
+            }
+            response = json_response({"success": False, "error": exc.reason}, exc.status, headers)
+        except Exception:
+            _log.exception("internal error", path=request.path)
+            response = json_response({"success": False, "error": "Internal error"}, 500)
+        metrics.request_answered(route, response.status)
+        return response
 
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error becomes `{"success": false, "error": ...}` with its status and headers; a
-    refused credential is logged with the remote address, at most a line a second each. Every
-    answer is counted for /metrics."""
-    try:
-        response = await handler(request)
-    except WorkerError as exc:
-        if isinstance(exc, Unauthorized):
-            _log_refusal(request.app[REFUSED_LOG], request, exc.message)
-        response = json_response(exc.body(), exc.status, dict(exc.headers))
-        if exc.closes_connection:
-            await _answer_and_close(request, response)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        response = json_response({"success": False, "error": exc.reason}, exc.status, headers)
-    except Exception:
-        _log.exception("internal error", path=request.path)
-        response = json_response({"success": False, "error": "Internal error"}, 500)
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    request.app[METRICS].request_answered(route, response.status)
-    return response
+    return answer
 
 
 def _audit(event: str, request: web.Request, chosen: list[str] | None, count: int) -> None:
@@ -167,24 +167,42 @@ class Api(Part):
 
     def app(self) -> web.Application:
         """The aiohttp application serving these routes (and /openapi, /docs if enabled)."""
-        app = web.Application(
-            middlewares=[error_middleware],
-            client_max_size=self._config.http.max_body_size,
-        )
-        app[REFUSED_LOG] = Throttle()
-        app[METRICS] = self._metrics
-        app.router.add_post("/task", self.post_task)
-        app.router.add_get("/health", self.get_health)
-        app.router.add_get("/ready", self.get_ready)
-        app.router.add_get("/metrics", self.get_metrics)
-        app.router.add_get("/deadletters", self.get_dead_letters)
-        app.router.add_post("/deadletters/redeliver", self.post_redeliver)
-        app.router.add_post("/deadletters/purge", self.post_purge)
-        app.router.add_get("/logs", self.get_logs)
-        app.router.add_post("/off", self.post_off)
-        app.router.add_post("/on", self.post_on)
+        app = web.Application(client_max_size=self._config.http.max_body_size)
+        refusals = Throttle()  # refused credentials, per remote address
+
+        def add(method: str, path: str, handler: Handler) -> None:
+            wrapped = answered(path, handler, self._metrics, refusals)
+            if method == "GET":
+                app.router.add_get(path, wrapped)  # and HEAD
+            else:
+                app.router.add_route(method, path, wrapped)
+
+        async def unmatched(request: web.Request) -> web.StreamResponse:
+            """405 naming the methods allowed when a route has this path, else 404."""
+            allowed: set[str] = set()
+            for resource in app.router.resources():
+                if resource is not everything.resource:
+                    allowed |= (await resource.resolve(request))[1]
+            if allowed:
+                raise web.HTTPMethodNotAllowed(request.method, allowed)
+            raise web.HTTPNotFound()
+
+        add("POST", "/task", self.post_task)
+        add("GET", "/health", self.get_health)
+        add("GET", "/ready", self.get_ready)
+        add("GET", "/metrics", self.get_metrics)
+        add("GET", "/deadletters", self.get_dead_letters)
+        add("POST", "/deadletters/redeliver", self.post_redeliver)
+        add("POST", "/deadletters/purge", self.post_purge)
+        add("GET", "/logs", self.get_logs)
+        add("POST", "/off", self.post_off)
+        add("POST", "/on", self.post_on)
         if self._config.http.openapi:
-            openapi.add_routes(app, self._registry)
+            openapi.add_routes(add, self._registry)
+        # Last: whatever no route above takes gets its 404 or 405 as JSON, under one label.
+        everything = app.router.add_route(
+            "*", "/{path:.*}", answered("unmatched", unmatched, self._metrics, refusals)
+        )
         return app
 
     async def post_task(self, request: web.Request) -> web.StreamResponse:

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import re
 import warnings
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, get_args
 
@@ -518,9 +519,14 @@ def _assets() -> Path:
     return Path(found.origin).parent / "static"
 
 
-def add_routes(app: web.Application, registry: Registry) -> None:
-    """Serve the document at /openapi and Swagger UI (local assets) at /docs."""
+def add_routes(
+    add: Callable[[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]], None],
+    registry: Registry,
+) -> None:
+    """Serve the document at /openapi and Swagger UI (local assets) at /docs, through `add`
+    (method, path, handler): the API's own route table."""
     assets = _assets()
+    files = {path.name: path for path in assets.iterdir() if path.is_file()}
     index_page = (
         (assets / "index.html")
         .read_text(encoding="utf-8")
@@ -541,6 +547,12 @@ def add_routes(app: web.Application, registry: Registry) -> None:
     async def ui(request: web.Request) -> web.Response:
         return web.Response(text=index_page, content_type="text/html")
 
-    app.router.add_get(DOCUMENT_PATH, document)
-    app.router.add_get(UI_PATH, ui)
-    app.router.add_static(UI_ASSETS, assets)
+    async def asset(request: web.Request) -> web.StreamResponse:
+        found = files.get(request.match_info["name"])
+        if found is None:
+            raise web.HTTPNotFound()
+        return web.FileResponse(found)
+
+    add("GET", DOCUMENT_PATH, document)
+    add("GET", UI_PATH, ui)
+    add("GET", UI_ASSETS + "/{name}", asset)
