@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from openapi_spec_validator import validate
 
 from tests.conftest import Worker
