@@ -216,16 +216,16 @@ class Runner(Part):
     async def _drain_generator(spec: FunctionSpec, params: dict[str, Any], ctx: TaskContext) -> Any:
         chunks: list[Any] = []
         generator = spec.handler(params, ctx)
+        stream = ctx.stream
         try:
+            if stream is not None:
+                async for chunk in generator:
+                    await stream(chunk)
+                return None
             async for chunk in generator:
-                if ctx.stream is not None:
-                    await ctx.stream(chunk)
-                else:
-                    chunks.append(chunk)
+                chunks.append(chunk)
         finally:
             await generator.aclose()
-        if ctx.stream is not None:
-            return None
         if chunks and all(isinstance(chunk, str) for chunk in chunks):
             return "".join(chunks)
         return chunks

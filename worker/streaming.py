@@ -50,8 +50,20 @@ def event_frame(data: str, event: str | None = None) -> bytes:
     return ("\n".join(lines) + "\n\n").encode()
 
 
+# Chunks of at least this many bytes are written as they come; smaller ones produced in one turn
+# of the event loop are gathered into one write of up to this size (aiohttp's drain limit).
+WRITE_SIZE = 65536
+
+
 class StreamAnswer:
-    """The HTTP side of one streamed task; the task's `ctx.stream` is this object."""
+    """The HTTP side of one streamed task; the task's `ctx.stream` is this object.
+
+    The first chunk opens the response and is written at once. Later small chunks wait in
+    `_pending` until the producer yields to the event loop (a flush task then writes them) or
+    until they add up to WRITE_SIZE (the producer then writes them itself and waits for the
+    client like any write). A chunk therefore reaches the client as soon as the function
+    awaits anything else, and a function is never further ahead of its client than one write.
+    """
 
     def __init__(self, request: web.Request, task_id: str, events: bool) -> None:
         self.request = request
@@ -59,7 +71,12 @@ class StreamAnswer:
         self.events = events
         self.job: Job | None = None
         self.client_gone = False
-        self._lock = asyncio.Lock()
+        self._opening = asyncio.Lock()  # only until the headers are out: see _open
+        self._opened = False
+        self._ended = False
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._flusher: asyncio.Task[None] | None = None
         self.response = web.StreamResponse(headers={"X-Task-Id": task_id})
         self.response.content_type = EVENT_STREAM if events else "text/plain"
         self.response.charset = "utf-8"
@@ -72,24 +89,82 @@ class StreamAnswer:
         """True once output may have reached the client (the runner then never retries)."""
         return self.response.prepared
 
-    async def __call__(self, chunk: Any) -> None:
-        """Send one chunk now; waits while the client is slow to read (aiohttp drains)."""
-        text = chunk_text(chunk)
+    def _encode(self, chunk: Any) -> bytes:
         if self.events:
-            data = event_frame(text)
-        else:
-            data = (text if isinstance(chunk, str | bytes | bytearray) else text + "\n").encode()
-        await self._send(data)
+            return event_frame(chunk_text(chunk))
+        if isinstance(chunk, str):
+            return chunk.encode()
+        text = chunk_text(chunk)
+        return (text if isinstance(chunk, bytes | bytearray) else text + "\n").encode()
 
-    async def _send(self, data: bytes) -> None:
+    async def __call__(self, chunk: Any) -> None:
+        """Send one chunk; waits while the client is slow to read (aiohttp drains)."""
+        if self.client_gone:
+            raise self._hang_up()
+        if self._ended:
+            raise RuntimeError("the stream has ended: no chunk can follow")
+        data = self._encode(chunk)
+        if not self._opened and await self._open(data):
+            return
+        pending = self._pending
+        if pending or len(data) < WRITE_SIZE:
+            pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size < WRITE_SIZE:
+                if self._flusher is None:
+                    self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+                return
+            data = b"".join(pending)
+            pending.clear()
+            self._pending_size = 0
         try:
-            async with self._lock:
-                if not self.response.prepared:
-                    await self.response.prepare(self.request)
-                await self.response.write(data)
+            await self.response.write(data)
         except ConnectionError:
             self.client_gone = True
             raise self._hang_up() from None
+
+    async def _open(self, data: bytes) -> bool:
+        """Open the response with `data`; False when another writer opened it meanwhile."""
+        # A second writer of a first chunk must not write before the headers exist. Once they
+        # do, every write puts its bytes on the transport before it awaits anything, so
+        # writers need no lock.
+        async with self._opening:
+            if self._opened:
+                return False
+            try:
+                await self.response.prepare(self.request)
+                self._opened = True
+                await self.response.write(data)
+            except ConnectionError:
+                self.client_gone = True
+                raise self._hang_up() from None
+            return True
+
+    def _take_pending(self) -> bytes:
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        return data
+
+    async def _flush_soon(self) -> None:
+        """Write what the producer left pending when it yielded to the loop; one such task at
+        a time, so that a client that stops reading holds the producer back (its next writes
+        gather up to WRITE_SIZE and then wait in the producer)."""
+        try:
+            while self._pending:
+                await self.response.write(self._take_pending())
+        except ConnectionError:
+            self.client_gone = True
+            if self.job is not None and not self._ended:
+                self.job.cancel(Reason.CLIENT_GONE_STREAMING)
+        finally:
+            self._flusher = None
+
+    def _stop_writing(self) -> None:
+        # A flush task still waiting for the client finds nothing more to write.
+        self._ended = True
+        self._pending.clear()
+        self._pending_size = 0
 
     def _hang_up(self) -> BaseException:
         """Cancel the task whose client left; the writer in its own task is cancelled directly
@@ -103,6 +178,7 @@ class StreamAnswer:
     async def finish(self, result: TaskResult) -> web.StreamResponse:
         """End the answer according to how the task ended."""
         if self.client_gone:
+            self._stop_writing()
             return self.response
         if result.outcome is Outcome.SUCCEEDED and result.value is not None:
             try:
@@ -125,17 +201,23 @@ class StreamAnswer:
                 await self._end("error", body)
             return self.response
         # No terminating chunk: the client sees a broken body, never a complete one.
+        self._stop_writing()
         transport = self.request.transport
         if transport is not None:
             transport.abort()
         return self.response
 
     async def _end(self, event: str, body: dict[str, Any]) -> None:
+        """The pending chunks, the closing event if any, and the end of the body: one write."""
+        self._ended = True
         if self.events:
-            await self._send(event_frame(json.dumps(body), event))
-        elif not self.response.prepared:
+            self._pending.append(event_frame(json.dumps(body), event))
+        if not self._opened:
             await self.response.prepare(self.request)
-        await self.response.write_eof()
+            self._opened = True
+        # A flush task waiting for the client has written its bytes already; what is pending
+        # now comes after them, so it can go out here.
+        await self.response.write_eof(self._take_pending())
 
 
 class StreamMode:
