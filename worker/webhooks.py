@@ -13,6 +13,7 @@ values, queries, fragments and userinfo never are.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import hmac
 import ipaddress
@@ -20,6 +21,7 @@ import json
 import re
 import socket
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.connector import Connection
 from aiohttp.resolver import DefaultResolver
 from multidict import CIMultiDict
 from yarl import URL
@@ -290,15 +293,12 @@ class Deliveries(Part):
         # policy resolver (no DNS cache, so every new connection resolves again and checks the
         # address it connects to), and a policy change (a reload, the ports bound) starts a
         # new pool, so no connection checked under an older policy carries another attempt.
-        connector = aiohttp.TCPConnector(
+        connector = _Connector(
             resolver=PolicyResolver(lambda: policy),
             use_dns_cache=False,
             keepalive_timeout=KEEPALIVE_TIMEOUT,
         )
-        trace = aiohttp.TraceConfig()
-        trace.on_connection_reuseconn.append(_mark_reused)
-        session = aiohttp.ClientSession(connector=connector, trace_configs=[trace])
-        return _Pool(session, policy)
+        return _Pool(aiohttp.ClientSession(connector=connector), policy)
 
     def _current_pool(self) -> _Pool | None:
         pool = self._pool
@@ -442,9 +442,10 @@ class Deliveries(Part):
             # any answer: sent again at once on another connection, within the same attempt.
             resends = 0
             while True:
-                reused: dict[str, bool] = {}
+                reused: list[bool] = []
+                _REUSED.set(reused)
                 try:
-                    return await self._post_once(pool, url, body, headers, seconds, reused)
+                    return await self._post_once(pool, url, body, headers, seconds)
                 except _CLOSED_UNDER_US as exc:
                     connecting = isinstance(exc, aiohttp.ClientConnectorError)
                     if connecting or not reused or resends == MAX_RESENDS:
@@ -463,7 +464,6 @@ class Deliveries(Part):
         body: bytes,
         headers: CIMultiDict[str],
         seconds: float,
-        reused: dict[str, bool],
     ) -> Attempt:
         try:
             async with pool.session.post(
@@ -472,7 +472,6 @@ class Deliveries(Part):
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=seconds),
                 allow_redirects=False,
-                trace_request_ctx=reused,
             ) as answer:
                 status = answer.status
                 retry_after = _retry_after(answer.headers.get("Retry-After"))
@@ -517,8 +516,30 @@ class _Pool:
     in_flight: int = 0
 
 
-async def _mark_reused(session: aiohttp.ClientSession, trace: Any, params: Any) -> None:
-    trace.trace_request_ctx["reused"] = True
+# Set by the delivery before its request; told by the connector when the request went out on
+# a connection that had carried an earlier one (the same asyncio task runs both).
+_REUSED: contextvars.ContextVar[list[bool]] = contextvars.ContextVar("webhook_reused")
+
+
+class _Connector(aiohttp.TCPConnector):
+    """A TCP connector that tells the delivery whether its connection is a reused one (a
+    TraceConfig would tell too, at several times the cost per request)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._used: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Connection:  # noqa: ASYNC109  (aiohttp's signature)
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        if protocol is not None:
+            if protocol in self._used:
+                reused = _REUSED.get(None)
+                if reused is not None:
+                    reused.append(True)
+            else:
+                self._used.add(protocol)
+        return connection
 
 
 def _internal(exc: Exception) -> str:
