@@ -654,19 +654,54 @@ async def webhooks(url: str, count: int) -> dict[str, Any]:
     }
 
 
+async def sync_requests(url: str, count: int) -> dict[str, Any]:
+    """`count` no-op tasks in mode sync from 64 connections, as (d) posts its webhook tasks."""
+    body = {"function": "noop", "contract": 1}
+    async with aiohttp.ClientSession(connector=connector(64)) as session:
+        pending = iter(range(count))
+        answered = 0
+        began = time.perf_counter()
+
+        async def client() -> None:
+            nonlocal answered
+            for _ in pending:
+                status, answer = await post(session, url, body)
+                if status != 200:
+                    raise BenchError(f"(d) sync noop answered {status} {answer!r}")
+                answered += 1
+
+        async with asyncio.timeout(120):
+            await asyncio.gather(*(client() for _ in range(64)))
+        elapsed = time.perf_counter() - began
+    return {"tasks": count, "answered": answered, "per_s": answered / elapsed}
+
+
 async def scenario_d(ctx: Context) -> dict[str, Any]:
     """Webhook: accepted/s and delivered/s of no-op tasks to a local receiver."""
-    raw: dict[str, Any] = {"worker": [], "baseline": []}
+    raw: dict[str, Any] = {"worker": [], "baseline": [], "worker_sync": []}
+    count = ctx.sizes.webhook_tasks
     with (
         running(ctx.tmp, "worker", 100, ctx.loop) as worker,
         running(ctx.tmp, "baseline", 100, ctx.loop) as baseline,
     ):
         servers = {"worker": worker, "baseline": baseline}
         for kind in ab_order(1):
-            raw[kind].append(await webhooks(servers[kind].url, ctx.sizes.webhook_tasks))
+            before = servers[kind].cpu_seconds()
+            run = await webhooks(servers[kind].url, count)
+            run["cpu_us_per_task"] = (servers[kind].cpu_seconds() - before) / count * 1e6
+            raw[kind].append(run)
+        # The worker's own sync rate for the same function, same client, same run: (d)'s target.
+        before = worker.cpu_seconds()
+        sync = await sync_requests(worker.url, count)
+        sync["cpu_us_per_task"] = (worker.cpu_seconds() - before) / count * 1e6
+        raw["worker_sync"].append(sync)
     w, b = raw["worker"][0], raw["baseline"][0]
     ctx.row("d", "accepted/s", w["accepted_per_s"], b["accepted_per_s"])
     ctx.row("d", "delivered/s", w["delivered_per_s"], b["delivered_per_s"])
+    ctx.row("d", "CPU us/task, accept to delivery", w["cpu_us_per_task"], b["cpu_us_per_task"])
+    ctx.row("d", "worker's sync req/s, same function", sync["per_s"])
+    ctx.row("d", "  worker's sync CPU us/task", sync["cpu_us_per_task"])
+    ctx.row("d", "  accepted/s / sync req/s", w["accepted_per_s"] / sync["per_s"], None, ">= 0.9")
     return raw
 
 

@@ -3,8 +3,9 @@
 A delivery starts when the function ends (its slot is already free by then) and runs apart from
 the task, through one shared client session, retrying on connection errors, timeouts, 408, 429
 and 5xx with exponential back-off. Pending deliveries are tracked so that the drain on shutdown
-can wait for them, and bounded (`webhook.max_pending`). Every attempt connects only where the
-target policy (worker/targets.py) allows, checked on the address actually connected to. Every
+can wait for them, and bounded (`webhook.max_pending`). Connections are kept alive and reused;
+each one is made only where the target policy (worker/targets.py) allows, checked on the
+address actually connected to, and none outlives the policy it was checked under. Every
 attempt and the final outcome are logged with the target's scheme, host, port and path; header
 values, queries, fragments and userinfo never are.
 """
@@ -12,6 +13,7 @@ values, queries, fragments and userinfo never are.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import hmac
 import ipaddress
@@ -19,6 +21,7 @@ import json
 import re
 import socket
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.connector import Connection
 from aiohttp.resolver import DefaultResolver
 from multidict import CIMultiDict
 from yarl import URL
@@ -53,6 +57,10 @@ from worker.tasks import Dispatcher, Job, TaskResult, TaskSpec, WebhookTarget
 _log = structlog.get_logger("worker.webhooks")
 
 MAX_RETRY_AFTER = 60.0  # seconds; a receiver's Retry-After longer than this is not honoured
+# Idle delivery connections are closed after this, before common receivers close them (gunicorn
+# after 2 s, Node after 5 s): fewer reuses race a receiver's own close.
+KEEPALIVE_TIMEOUT = 1.5
+MAX_RESENDS = 2  # re-sends within one attempt when a reused connection turned out closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,8 +175,8 @@ STOPPING = "the worker is stopping"
 
 class PolicyResolver(AbstractResolver):
     """The default resolver, keeping only the addresses the target policy allows: the check
-    applies to the very addresses connected to, at every attempt (the DNS cache is off), so
-    a name that resolves elsewhere the second time (DNS rebinding) is checked again."""
+    applies to the very addresses connected to, at every new connection (the DNS cache is
+    off), so a name that resolves elsewhere the second time (DNS rebinding) is checked again."""
 
     def __init__(
         self, policy: Callable[[], TargetPolicy], inner: AbstractResolver | None = None
@@ -217,7 +225,9 @@ class Deliveries(Part):
         # Told "delivered", "retried" (another attempt follows) or "failed" (the metrics).
         self._on_outcome = on_outcome
         self._policy: tuple[Any, TargetPolicy] | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: _Pool | None = None
+        self._retired: list[_Pool] = []  # older policies' pools, closed once idle
+        self._closers: set[asyncio.Task[None]] = set()
         self._pending: set[asyncio.Task[None]] = set()
         self._accepted = 0  # webhook tasks queued, running or awaiting delivery
         self._idle = asyncio.Event()
@@ -260,24 +270,57 @@ class Deliveries(Part):
         return self._policy[1]
 
     async def start(self) -> None:
-        # A new connection for every attempt (no pooling) so that every attempt resolves the
-        # name again and checks the address it really connects to.
-        connector = aiohttp.TCPConnector(
-            resolver=PolicyResolver(self.policy), use_dns_cache=False, force_close=True
-        )
-        self._session = aiohttp.ClientSession(connector=connector)
+        self._pool = self._open_pool(self.policy())
 
     async def stop(self, deadline: float) -> None:
         """Deliver what is pending until `deadline`, give up on the rest (logged as
-        undelivered), and close the session."""
+        undelivered), and close the sessions."""
         if self._pending:
             await asyncio.wait(self._pending, timeout=max(deadline - _now(), 0))
         self.abandon()
         if self._pending:
             await asyncio.wait(self._pending)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        pools, self._pool = [*self._retired, self._pool], None
+        self._retired.clear()
+        for pool in pools:
+            if pool is not None:
+                await pool.session.close()
+        if self._closers:
+            await asyncio.wait(self._closers)
+
+    def _open_pool(self, policy: TargetPolicy) -> _Pool:
+        # Keep-alive connections, one pool per policy: a connection is made only through the
+        # policy resolver (no DNS cache, so every new connection resolves again and checks the
+        # address it connects to), and a policy change (a reload, the ports bound) starts a
+        # new pool, so no connection checked under an older policy carries another attempt.
+        connector = _Connector(
+            resolver=PolicyResolver(lambda: policy),
+            use_dns_cache=False,
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
+        )
+        return _Pool(aiohttp.ClientSession(connector=connector), policy)
+
+    def _current_pool(self) -> _Pool | None:
+        pool = self._pool
+        if pool is None:
+            return None
+        policy = self.policy()
+        if pool.policy is not policy:
+            self._retire(pool)
+            pool = self._pool = self._open_pool(policy)
+        return pool
+
+    def _retire(self, pool: _Pool) -> None:
+        """Close an older policy's pool once the requests still on it have ended."""
+        if pool.in_flight:
+            self._retired.append(pool)
+        else:
+            self._closing(pool)
+
+    def _closing(self, pool: _Pool) -> None:
+        task = asyncio.get_running_loop().create_task(pool.session.close())
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
 
     def follow(self, job: Job) -> None:
         """Deliver the job's result as soon as its function ends."""
@@ -390,10 +433,40 @@ class Deliveries(Part):
     async def _post(
         self, url: str, body: bytes, headers: CIMultiDict[str], seconds: float
     ) -> Attempt:
-        if self._session is None:
+        pool = self._current_pool()
+        if pool is None:
             return Attempt(False, False, error=STOPPING)
+        pool.in_flight += 1
         try:
-            async with self._session.post(
+            # A keep-alive connection the receiver closed just as it was reused fails before
+            # any answer: sent again at once on another connection, within the same attempt.
+            resends = 0
+            while True:
+                reused: list[bool] = []
+                _REUSED.set(reused)
+                try:
+                    return await self._post_once(pool, url, body, headers, seconds)
+                except _CLOSED_UNDER_US as exc:
+                    connecting = isinstance(exc, aiohttp.ClientConnectorError)
+                    if connecting or not reused or resends == MAX_RESENDS:
+                        return self._failed_attempt(exc)
+                    resends += 1
+        finally:
+            pool.in_flight -= 1
+            if not pool.in_flight and pool in self._retired:
+                self._retired.remove(pool)
+                self._closing(pool)
+
+    async def _post_once(
+        self,
+        pool: _Pool,
+        url: str,
+        body: bytes,
+        headers: CIMultiDict[str],
+        seconds: float,
+    ) -> Attempt:
+        try:
+            async with pool.session.post(
                 url,
                 data=body,
                 headers=headers,
@@ -402,21 +475,71 @@ class Deliveries(Part):
             ) as answer:
                 status = answer.status
                 retry_after = _retry_after(answer.headers.get("Retry-After"))
-        except TimeoutError:
-            return Attempt(False, True, error=f"no answer within {seconds:g}s")
-        except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, TargetRefused):
-                return Attempt(False, False, error=f"refused: {exc.os_error}")
-            return Attempt(False, True, error=f"{type(exc).__name__}: {exc}")
-        except aiohttp.ClientError as exc:
-            return Attempt(False, True, error=f"{type(exc).__name__}: {exc}")
-        except ValueError:
-            # aiohttp refuses a malformed header or URL; its message may quote the value.
-            return Attempt(False, False, error="invalid webhook URL or header")
+        except _CLOSED_UNDER_US:
+            raise
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            return self._failed_attempt(exc, seconds)
         if 200 <= status < 300:
             return Attempt(True, False, status)
         retry = status in (408, 429) or status >= 500
         return Attempt(False, retry, status, f"HTTP {status}", retry_after)
+
+    @staticmethod
+    def _failed_attempt(exc: BaseException, seconds: float = 0.0) -> Attempt:
+        if isinstance(exc, TimeoutError):
+            return Attempt(False, True, error=f"no answer within {seconds:g}s")
+        if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+            exc.os_error, TargetRefused
+        ):
+            return Attempt(False, False, error=f"refused: {exc.os_error}")
+        if isinstance(exc, aiohttp.ClientError):
+            return Attempt(False, True, error=f"{type(exc).__name__}: {exc}")
+        # aiohttp refuses a malformed header or URL; its message may quote the value.
+        return Attempt(False, False, error="invalid webhook URL or header")
+
+
+# What a connection closed by the receiver raises (a refused connect is a ClientOSError too).
+_CLOSED_UNDER_US = (
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientConnectionResetError,
+    aiohttp.ClientOSError,
+)
+
+
+@dataclass(slots=True, eq=False)
+class _Pool:
+    """One client session (its keep-alive connections) and the policy its connections were
+    checked against."""
+
+    session: aiohttp.ClientSession
+    policy: TargetPolicy
+    in_flight: int = 0
+
+
+# Set by the delivery before its request; told by the connector when the request went out on
+# a connection that had carried an earlier one (the same asyncio task runs both).
+_REUSED: contextvars.ContextVar[list[bool]] = contextvars.ContextVar("webhook_reused")
+
+
+class _Connector(aiohttp.TCPConnector):
+    """A TCP connector that tells the delivery whether its connection is a reused one (a
+    TraceConfig would tell too, at several times the cost per request)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._used: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Connection:  # noqa: ASYNC109  (aiohttp's signature)
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        if protocol is not None:
+            if protocol in self._used:
+                reused = _REUSED.get(None)
+                if reused is not None:
+                    reused.append(True)
+            else:
+                self._used.add(protocol)
+        return connection
 
 
 def _internal(exc: Exception) -> str:
