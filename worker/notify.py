@@ -94,7 +94,6 @@ class StatusLine(Part):
         self._slots = slots
         self._sent_at = 0.0
         self._pending: asyncio.TimerHandle | None = None
-        self._latest = ""
         self._unsubscribe: Callable[[], None] | None = None
 
     async def start(self) -> None:
@@ -110,7 +109,7 @@ class StatusLine(Part):
             self._pending = None
 
     def _on_slots(self, state: SlotState) -> None:
-        self._latest = status_line(state)
+        # Under load the slots change twice a task: the line is written when it is sent.
         if self._pending is not None:
             return
         wait = self._sent_at + STATUS_INTERVAL - time.monotonic()
@@ -122,7 +121,7 @@ class StatusLine(Part):
     def _send(self) -> None:
         self._pending = None
         self._sent_at = time.monotonic()
-        self._notifier.send(f"STATUS={self._latest}")
+        self._notifier.send(f"STATUS={status_line(self._slots.state())}")
 
 
 class Watchdog(Part):
