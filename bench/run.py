@@ -198,12 +198,17 @@ class Server:
             self.messages.append(data.decode(errors="replace"))
 
     def _worker_loop(self) -> str:
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                if entry.get("event") == "base-worker started":
-                    return str(entry.get("loop", "asyncio"))
-        return "asyncio"
+        # The start-up line is written at the end of the loop turn that sent READY=1, so it
+        # may not be in the file yet when READY=1 arrives: look for it for a while.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            for line in self.log_path.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if entry.get("event") == "base-worker started":
+                        return str(entry.get("loop", "asyncio"))
+            time.sleep(0.02)
+        raise BenchError(f"worker wrote no start-up line: {self.log_tail()}")
 
     def rss(self) -> int:
         """Resident set size in bytes."""

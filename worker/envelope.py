@@ -219,9 +219,16 @@ def _task_id(body: dict[str, Any]) -> str:
     return new_task_id()
 
 
+_RANDOM = bytearray()  # os.urandom read 256 ids at a time: one system call, not one a task
+os.register_at_fork(after_in_child=_RANDOM.clear)  # a forked child never repeats its parent's
+
+
 def new_task_id() -> str:
     """A random (version 4) UUID as text; a third of what str(uuid.uuid4()) costs."""
-    raw = bytearray(os.urandom(16))
+    if not _RANDOM:
+        _RANDOM.extend(os.urandom(4096))
+    raw = _RANDOM[-16:]
+    del _RANDOM[-16:]
     raw[6] = (raw[6] & 0x0F) | 0x40
     raw[8] = (raw[8] & 0x3F) | 0x80
     text = raw.hex()

@@ -81,27 +81,37 @@ class Admission:
 
     __slots__ = ("_manager", "abandoned", "future", "priority", "seq")
 
-    def __init__(self, manager: SlotManager, priority: int, seq: int) -> None:
+    def __init__(self, manager: SlotManager, priority: int, seq: int, granted: bool) -> None:
         self._manager = manager
         self.abandoned = False
         self.priority = priority
         self.seq = seq
-        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Only a queued place waits: a slot granted at once needs nothing to wait on.
+        self.future: asyncio.Future[None] | None = (
+            None if granted else asyncio.get_running_loop().create_future()
+        )
 
     def __lt__(self, other: Admission) -> bool:
         return (self.priority, self.seq) < (other.priority, other.seq)
 
     @property
     def granted(self) -> bool:
-        return self.future.done() and not self.future.cancelled()
+        future = self.future
+        return future is None or (future.done() and not future.cancelled())
+
+    @property
+    def waiting(self) -> bool:
+        """True while queued for a slot."""
+        return self.future is not None and not self.future.done()
 
     async def lease(self) -> Lease:
         """Wait for the slot; cancelling this leaves the queue without ever taking one."""
-        try:
-            await self.future
-        except asyncio.CancelledError:
-            self.abandon()
-            raise
+        if self.future is not None:
+            try:
+                await self.future
+            except asyncio.CancelledError:
+                self.abandon()
+                raise
         return Lease(self._manager)
 
     def abandon(self) -> None:
@@ -180,13 +190,13 @@ class SlotManager(Part):
         `promised` task (accepted before a restart) is never refused."""
         if not self.accepting and not promised:
             raise Unavailable(REFUSALS[self._status])
-        admission = Admission(self, priority, next(self._seq))
         if self._used < self._limit and self._queued == 0:
             self._used += 1
-            admission.future.set_result(None)
+            admission = Admission(self, priority, next(self._seq), granted=True)
         elif self._queued >= self._max_queue and not promised:
             raise Unavailable(f"Queue is full ({self._max_queue} tasks waiting)")
         else:
+            admission = Admission(self, priority, next(self._seq), granted=False)
             heapq.heappush(self._heap, admission)
             self._queued += 1
         self._changed()
@@ -204,10 +214,11 @@ class SlotManager(Part):
             # The slot was handed over just as the waiter was cancelled: pass it on.
             self._release()
             return
+        assert admission.future is not None  # not granted: it was queued
         admission.future.cancel()  # removed lazily from the heap
         self._queued -= 1
         if len(self._heap) > 64 and len(self._heap) > 2 * self._queued:
-            self._heap = [a for a in self._heap if not a.future.done()]
+            self._heap = [a for a in self._heap if a.waiting]
             heapq.heapify(self._heap)
         self._changed()
 
@@ -219,8 +230,9 @@ class SlotManager(Part):
     def _grant_waiting(self) -> None:
         while self._used < self._limit and self._heap:
             admission = heapq.heappop(self._heap)
-            if admission.future.done():
+            if not admission.waiting:
                 continue
+            assert admission.future is not None
             self._queued -= 1
             self._used += 1
             admission.future.set_result(None)
