@@ -573,8 +573,9 @@ class WebhookMode(Part):
     async def __call__(self, request: web.Request, spec: TaskSpec) -> web.StreamResponse:
         key = idempotency_key(request.headers)
         self._deliveries.admit()
-        # Once journaled the task runs, whether or not its client waits for the 202.
-        first = await asyncio.shield(self._accept(spec, key))
+        # Once journaled the task runs, whether or not its client waits for the 202: the
+        # listener does not cancel a handler whose client hangs up (worker/server.py).
+        first = await self._accept(spec, key)
         body: dict[str, Any] = {
             "success": True,
             "task_id": first,
