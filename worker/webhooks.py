@@ -397,11 +397,11 @@ class Deliveries(Part):
                     "elapsed_ms": round((time.monotonic() - began) * 1000, 2),
                 }
                 if outcome.delivered:
-                    log.info("webhook attempt", **fields)
                     self.delivered += 1
                     self._on_outcome("delivered")
                     self._journal.delivered(task_id)
-                    log.info("webhook delivered", attempts=attempt)
+                    # The last attempt and the outcome in one line; failed attempts have theirs.
+                    log.info("webhook delivered", **fields, attempts=attempt)
                     return
                 error = scrub(outcome.error or "", url)  # aiohttp's texts may quote the URL
                 log.warning("webhook attempt failed", **fields, error=error)
