@@ -10,7 +10,10 @@ import json
 import os
 import random
 import signal
+import socket
 import sqlite3
+import struct
+import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -338,3 +341,42 @@ async def test_an_unwritable_journal_answers_503_never_a_202_then_recovers(
     assert response.status == 202
     task_id = (await response.json())["task_id"]
     await all_delivered(receiver, {task_id})
+
+
+async def test_a_task_journaled_for_a_client_that_hung_up_still_runs(
+    worker_app: StartWorker, tmp_path: Path, receiver: Receiver
+) -> None:
+    """The client is gone before its 202 while the admit waits for the disk: the task is
+    journaled all the same, so it runs and is delivered."""
+    client, running = await worker_app(worker={"state_dir": str(tmp_path)})
+    journal = running.worker.journal
+    edge = running.worker.listener
+    disk = threading.Event()
+    writer_held = asyncio.ensure_future(journal._call(lambda conn: disk.wait(10)))
+    body = task("hello", mode="webhook", _taskId="hung-up-client")
+    body["webhook"] = {"url": receiver.url}
+    raw = json.dumps(body).encode()
+    _, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(
+        b"POST /task HTTP/1.1\r\nHost: worker\r\nContent-Type: application/json\r\n"
+        + f"Authorization: {AUTH_KEY}\r\nContent-Length: {len(raw)}\r\n\r\n".encode()
+        + raw
+    )
+    await writer.drain()
+    await poll(lambda: _admits_waiting(journal), timeout=5)  # the handler awaits its admit
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()  # a reset: the connection is gone at once
+    await poll(lambda: _no_connections(edge), timeout=5)
+    disk.set()
+    await writer_held
+    await all_delivered(receiver, {"hung-up-client"})
+    assert receiver.bodies["hung-up-client"][0]["success"] is True
+
+
+async def _admits_waiting(journal: Any) -> bool:
+    return bool(journal._pending) or journal._batches.qsize() > 0
+
+
+async def _no_connections(listener: Any) -> bool:
+    return bool(listener.health()["http"]["connections"] == 0)

@@ -122,9 +122,84 @@ def test_common_envelopes_take_the_shortcut(body: dict[str, Any]) -> None:
     assert plain_envelope(body) == ENVELOPE.load(body)
 
 
-def test_webhook_envelopes_take_the_schema() -> None:
-    body = {"function": "f", "contract": 1, "mode": "webhook", "webhook": {"url": "http://x/"}}
-    assert plain_envelope(body) is None
+URLS = [
+    "http://x/",
+    "http://127.0.0.1:9/hook",
+    "https://receiver.example.com/a/b?c=d#e",
+    "http://[::1]:8080/hook",
+    "HTTP://Example.COM/",
+    "http://user:pw@example.com/",
+    "http://@example.com/",
+    "ftp://example.com/",
+    "example.com/hook",
+    "/hook",
+    "http://",
+    "http:///x",
+    "http://exa mple.com/",
+    "http://example.com:99999/",
+    "http://exämple.com/",
+    "http://example.com/\n",
+    " http://example.com/",
+]
+HEADERS = [
+    {},
+    {"X-Custom": "1"},
+    {"Authorization": "Bearer t"},
+    {"Bad Name": "1"},
+    {"Host": "evil"},
+    {"X-Webhook-Attempt": "9"},
+    {"X-Ok": "a\r\nInjected: 1"},
+    {"X-Ok": 1},
+    {"X-Ok": None},
+]
+
+
+def webhook_bodies() -> list[dict[str, Any]]:
+    """Webhook envelopes of every kind: good, bad and odd URLs, headers and shapes."""
+    bodies: list[dict[str, Any]] = []
+    for url in [*URLS, *VALUES]:
+        for headers in [*HEADERS, *VALUES]:
+            bodies.append({"url": url, "headers": headers})
+        bodies.append({"url": url})
+        bodies.append({"url": url, "extra": 1})
+    bodies += [{}, {"headers": {}}, *VALUES]
+    return [
+        {"function": "hello", "contract": 1, "mode": mode, "webhook": webhook}
+        for webhook in bodies
+        for mode in ("webhook", "sync")
+    ]
+
+
+def test_plain_envelope_agrees_with_the_schema_on_webhooks() -> None:
+    checked = 0
+    for body in webhook_bodies():
+        plain = plain_envelope(body)
+        if plain is not None:
+            assert plain == schema_load(ENVELOPE, body), body
+            checked += 1
+    assert checked > 50
+
+
+def test_plain_envelope_agrees_with_the_schema_without_a_webhook() -> None:
+    body = {"function": "hello", "contract": 1, "mode": "webhook"}
+    assert plain_envelope(body) is None  # the schema says which field is missing
+    for value in VALUES:
+        body = {"function": "hello", "contract": 1, "mode": "webhook", "webhook": value}
+        assert plain_envelope(body) is None
+
+
+@pytest.mark.parametrize(
+    "webhook",
+    [
+        {"url": "http://127.0.0.1:9/hook"},
+        {"url": "https://receiver.example.com/hook?token=t", "headers": {"X-Custom": "1"}},
+        {"url": "http://receiver.internal:8080/hook", "headers": {"Authorization": "Bearer t"}},
+    ],
+)
+def test_common_webhook_envelopes_take_the_shortcut(webhook: dict[str, Any]) -> None:
+    body = {"function": "f", "contract": 1, "mode": "webhook", "webhook": webhook}
+    plain = plain_envelope(body)
+    assert plain is not None and plain == ENVELOPE.load(body)
 
 
 # --- validate_task -------------------------------------------------------------------------------
@@ -202,6 +277,16 @@ def test_checks_come_in_order_envelope_contract_group_function_stream_input() ->
     assert params.message == "Invalid input for function 'typed'"
     for refused in (envelope, contract, group, stream, params):
         assert (type(refused), refused.status) == (BadRequest, 400)
+
+
+@pytest.mark.parametrize("url", ["http://example.com:99999/hook", "http://example.com:65536/"])
+def test_a_webhook_url_with_a_port_out_of_range_is_a_400(url: str) -> None:
+    # It used to pass the schema's URL check, then raise ValueError (a 500) parsing it.
+    body = {"function": "hello", "contract": 1, "mode": "webhook", "webhook": {"url": url}}
+    refused = refusal(body)
+    assert isinstance(refused, BadRequest)
+    assert refused.details == {"webhook": {"url": ["Not a valid URL."]}}
+    assert plain_envelope(body) is None
 
 
 def test_a_matching_group_and_a_streaming_function_pass() -> None:

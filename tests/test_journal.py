@@ -153,6 +153,80 @@ async def test_a_known_idempotency_key_returns_the_first_entry(journal: Journal)
     assert sorted(rows(journal.path)) == ["third", "x"]
 
 
+async def counted(journal: Journal) -> dict[str, int]:
+    """The counts the journal keeps, once everything submitted so far is written."""
+    await journal.resumable()
+    health = journal.health()["journal"]
+    assert journal.dead_count == health["dead"]
+    return {
+        state: health[state] for state in ("queued", "running", "done", "dead") if health[state]
+    }
+
+
+async def truth(journal: Journal) -> dict[str, int]:
+    """The same counts, counted in the rows themselves."""
+    sql = "SELECT state, count(*) FROM tasks WHERE state != 'delivered' GROUP BY state"
+    found: dict[str, int] = await journal._call(lambda conn: dict(conn.execute(sql).fetchall()))
+    return found
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["file", "memory"])
+async def test_the_counts_follow_every_change_and_a_restart(tmp_path: Path, durable: bool) -> None:
+    path = tmp_path / "tasks.sqlite3" if durable else None
+    journal = Journal(path, retention=3600)
+    await journal.start()
+    expected: list[dict[str, int]] = []
+
+    async def check() -> None:
+        kept = await counted(journal)
+        assert kept == await truth(journal)
+        expected.append(kept)
+
+    try:
+        await asyncio.gather(*(journal.admit(entry(f"t{n}")) for n in range(8)))
+        assert await journal.admit(entry("t8")) is None
+        assert await journal.admit(entry("k1", key="k")) is None
+        assert (await journal.admit(entry("k2", key="k"))) is not None  # nothing new
+        await check()
+        assert expected[-1] == {"queued": 10}
+        for n in range(6):
+            journal.running(f"t{n}")
+        journal.running("t0")  # already running: no change
+        await check()
+        for n in range(5):
+            journal.done(f"t{n}", b"{}")
+        journal.done("t7", b"{}")  # straight from queued
+        journal.running("t1")  # done does not go back to running
+        await check()
+        journal.delivered("t0")
+        journal.delivered("t0")  # again: still one delivered
+        journal.attempted("t1", 1, "HTTP 503")
+        for n in (1, 2, 3):
+            journal.dead(f"t{n}", "HTTP 503", 4)
+        journal.dead("t5", "internal error", 0)  # from running
+        journal.forget("t6")
+        journal.forget("nope")
+        await check()
+        assert expected[-1] == {"queued": 2, "done": 2, "dead": 4}
+        assert [e.task_id for e in await journal.redeliver(["t1", "t4"])] == ["t1"]
+        await check()
+        assert await journal.purge(["t2"]) == 1
+        await check()
+        assert await journal.purge(None) == 2
+        await check()
+        assert expected[-1] == {"queued": 2, "done": 3}
+        if durable:
+            await journal.stop(stop_deadline())
+            journal = Journal(path, retention=3600)
+            await journal.start()
+            assert await counted(journal) == expected[-1]
+            journal.delivered("t1")
+            await check()
+            assert expected[-1] == {"queued": 2, "done": 2}
+    finally:
+        await journal.stop(stop_deadline())
+
+
 async def test_stop_writes_pending_state_changes(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "tasks.sqlite3", retention=3600)
     await journal.start()
@@ -258,6 +332,8 @@ async def test_a_full_journal_answers_unavailable_then_recovers(journal: Journal
         "before": ("running", None, 0, None),
         "after": ("queued", None, 0, None),
     }
+    # What failed with its group is counted once, when written.
+    assert await counted(journal) == await truth(journal) == {"running": 1, "queued": 1}
 
 
 async def test_delivered_rows_expire_and_the_file_stops_growing(tmp_path: Path) -> None:

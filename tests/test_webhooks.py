@@ -147,10 +147,10 @@ async def test_retries_on_503_until_accepted_with_signed_body_and_headers(
     assert [(line["event"], line.get("attempt")) for line in webhook_lines] == [
         ("webhook attempt failed", 1),
         ("webhook attempt failed", 2),
-        ("webhook attempt", 3),
-        ("webhook delivered", None),
+        ("webhook delivered", 3),
     ]
     assert webhook_lines[0]["status"] == 503
+    assert (webhook_lines[2]["status"], webhook_lines[2]["attempts"]) == (200, 3)
     everything = repr(logged)
     for value in ("from-config", "from-request", "custom", expected, "url-secret"):
         assert value not in everything

@@ -49,15 +49,25 @@ class WebhookSchema(Schema):
 
     @validates_schema
     def _one_source_of_credentials(self, data: dict[str, Any], **kwargs: Any) -> None:
-        # aiohttp turns user:password@ into an Authorization header and refuses a second one.
-        headers = data.get("headers", {})
-        if (
-            "url" in data
-            and URL(data["url"]).raw_user is not None
-            and any(name.lower() == "authorization" for name in headers)
-        ):
-            message = "Header 'Authorization' may not be set with credentials in the URL."
-            raise ValidationError([message], "headers")
+        if "url" not in data:
+            return
+        problem = credentials_problem(data["url"], data.get("headers", {}))
+        if problem is not None:
+            raise ValidationError([problem[1]], problem[0])
+
+
+def credentials_problem(url: str, headers: dict[str, str]) -> tuple[str, str] | None:
+    """(field, message) when a URL the schema's URL check passed still cannot be used: yarl,
+    which aiohttp sends with, refuses it (a port past 65535), or it carries credentials and
+    the headers an Authorization too (aiohttp turns user:password@ into one and refuses a
+    second)."""
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return "url", "Not a valid URL."
+    if parsed.raw_user is not None and any(name.lower() == "authorization" for name in headers):
+        return "headers", "Header 'Authorization' may not be set with credentials in the URL."
+    return None
 
 
 class TaskEnvelopeSchema(Schema):
@@ -109,6 +119,8 @@ def dead_letter_selection(body: dict[str, Any]) -> list[str] | None:
 
 ENVELOPE = TaskEnvelopeSchema()
 _NO_INPUT: Any = object()
+# The schema's own URL check, so that the shortcut judges a webhook URL exactly as it does.
+_CHECK_URL = WebhookSchema._declared_fields["url"].validators[0]
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -124,12 +136,36 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def plain_envelope(body: dict[str, Any]) -> dict[str, Any] | None:
-    """What ENVELOPE.load gives for a plainly valid sync or stream request, or None.
+def plain_webhook(webhook: Any) -> dict[str, Any] | None:
+    """What WebhookSchema gives for a plainly valid `{"url", "headers"}`, or None."""
+    if type(webhook) is not dict:
+        return None
+    url = webhook.get("url")
+    headers = webhook.get("headers", _NO_INPUT)
+    if type(url) is not str:
+        return None
+    if headers is _NO_INPUT:
+        headers = {}
+    elif type(headers) is not dict or any(
+        type(name) is not str or type(value) is not str for name, value in headers.items()
+    ):
+        return None
+    try:
+        _CHECK_URL(url)
+    except ValidationError:
+        return None
+    if (headers and header_problems(headers)) or credentials_problem(url, headers) is not None:
+        return None
+    return {"url": url, "headers": dict(headers)}
 
-    Most requests are `{"function", "input", "contract"}` and nothing odd; checking those by
-    hand is several times cheaper than marshmallow. Anything else (a webhook, a wrong type,
-    a value out of range) returns None and takes the full schema, which words the errors.
+
+def plain_envelope(body: dict[str, Any]) -> dict[str, Any] | None:
+    """What ENVELOPE.load gives for a plainly valid request, or None.
+
+    Most requests are `{"function", "input", "contract"}`, perhaps with a mode and a webhook
+    `{"url", "headers"}`, and nothing odd; checking those by hand is several times cheaper
+    than marshmallow. Anything else (a wrong type, a value out of range, a bad URL or header)
+    returns None and takes the full schema, which words the errors.
     """
     function = body.get("function")
     contract = body.get("contract")
@@ -143,9 +179,15 @@ def plain_envelope(body: dict[str, Any]) -> dict[str, Any] | None:
         or not 1 <= contract <= MAX_CONTRACT
         or type(priority) is not int
         or not 1 <= priority <= MAX_PRIORITY
-        or (mode != "sync" and mode != "stream")
-        or "webhook" in body
+        or (mode != "sync" and mode != "stream" and mode != "webhook")
     ):
+        return None
+    webhook = None
+    if "webhook" in body:
+        webhook = plain_webhook(body["webhook"])
+        if webhook is None:
+            return None
+    elif mode == "webhook":
         return None
     if params is _NO_INPUT:
         params = {}
@@ -158,6 +200,8 @@ def plain_envelope(body: dict[str, Any]) -> dict[str, Any] | None:
         "priority": priority,
         "mode": mode,
     }
+    if webhook is not None:
+        envelope["webhook"] = webhook
     if "group" in body:
         if type(body["group"]) is not str:
             return None

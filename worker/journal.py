@@ -106,6 +106,42 @@ def _entry(row: tuple[Any, ...]) -> Entry:
     return Entry(**values)
 
 
+# The counts kept: a delivered row only waits for its retention.
+COUNTED: tuple[State, ...] = ("queued", "running", "done", "dead")
+ALL_STATES: tuple[State, ...] = ("done", "running", "queued", "dead", "delivered")
+
+
+@dataclass(frozen=True, slots=True)
+class _Move:
+    """One fixed statement moving a task to `target` from `source` (and setting more columns):
+    the rows it changes tell how the counts change, with no need to count again."""
+
+    source: State
+    target: State
+    sql: str
+
+
+def _moves(target: State, assignments: str, sources: tuple[State, ...]) -> tuple[_Move, ...]:
+    """The statements that move a task to `target` from each state it may leave, the
+    likeliest first: the first that changes a row is the last tried."""
+    return tuple(
+        _Move(
+            source,
+            target,
+            f"UPDATE tasks SET state = '{target}'{assignments}"
+            f" WHERE task_id = ? AND state = '{source}'",
+        )
+        for source in sources
+    )
+
+
+_TO_RUNNING = _moves("running", "", ("queued",))
+_TO_DONE = _moves("done", ", body = ?", ("running", "queued"))
+_TO_DELIVERED = _moves("delivered", ", body = NULL, delivered_at = ?", ALL_STATES)
+_TO_DEAD = _moves("dead", ", last_error = ?, attempts = ?, failed_at = ?", ALL_STATES)
+_ATTEMPTED = "UPDATE tasks SET attempts = ?, last_error = ? WHERE task_id = ?"
+
+
 def _ids_clause(task_ids: list[str] | None) -> tuple[str, list[str]]:
     if task_ids is None:
         return "", []
@@ -122,7 +158,8 @@ class Journal(Part):
         self.retention = retention
         self.commits = 0  # transactions committed by the writer (tests count group commits)
         self.last_error: str | None = None
-        self._counts: dict[str, int] = {}
+        self._counts: dict[str, int] = {}  # by state; replaced whole, read from the loop
+        self._changes: dict[str, int] = {}  # the writer's: the open transaction's count changes
         self._pending: list[tuple[Op, asyncio.Future[Any] | None]] = []
         self._batches: queue.Queue[list[tuple[Op, asyncio.Future[Any] | None]] | None]
         self._batches = queue.Queue()
@@ -223,48 +260,50 @@ class Journal(Part):
                     entry.accepted_at,
                 ),
             )
+            self._changed("queued", 1)
             return None
 
         result: Entry | None = await self._call(op)
         return result
 
     def running(self, task_id: str) -> None:
-        self._update("state = 'running'", "state = 'queued'", task_id)
+        self._move(_TO_RUNNING, task_id)
 
     def done(self, task_id: str, body: bytes) -> None:
-        self._update("state = 'done', body = ?", "state IN ('queued', 'running')", task_id, body)
+        self._move(_TO_DONE, task_id, body)
 
     def attempted(self, task_id: str, attempts: int, error: str | None) -> None:
-        self._update("attempts = ?, last_error = ?", "1", task_id, attempts, error)
+        self._submit(lambda conn: conn.execute(_ATTEMPTED, (attempts, error, task_id)), None)
 
     def delivered(self, task_id: str) -> None:
-        self._update(
-            "state = 'delivered', body = NULL, delivered_at = ?", "1", task_id, time.time()
-        )
+        self._move(_TO_DELIVERED, task_id, time.time())
 
     def dead(self, task_id: str, error: str, attempts: int) -> None:
-        self._update(
-            "state = 'dead', last_error = ?, attempts = ?, failed_at = ?",
-            "1",
-            task_id,
-            error,
-            attempts,
-            time.time(),
-        )
+        self._move(_TO_DEAD, task_id, error, attempts, time.time())
 
     def forget(self, task_id: str) -> None:
         """Remove a task admitted here but refused after all (its queue was full)."""
-        self._submit(
-            lambda conn: conn.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,)), None
-        )
+
+        def op(conn: sqlite3.Connection) -> None:
+            sql = "DELETE FROM tasks WHERE task_id = ? RETURNING state"
+            for (state,) in conn.execute(sql, (task_id,)).fetchall():
+                self._changed(state, -1)
+
+        self._submit(op, None)
 
     @property
     def durable(self) -> bool:
         return self.path is not None
 
-    def _update(self, assignments: str, condition: str, task_id: str, *values: Any) -> None:
-        sql = f"UPDATE tasks SET {assignments} WHERE task_id = ? AND {condition}"
-        self._submit(lambda conn: conn.execute(sql, (*values, task_id)), None)
+    def _move(self, moves: tuple[_Move, ...], task_id: str, *values: Any) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            for move in moves:
+                if conn.execute(move.sql, (*values, task_id)).rowcount:
+                    self._changed(move.source, -1)
+                    self._changed(move.target, 1)
+                    return
+
+        self._submit(op, None)
 
     async def redeliver(self, task_ids: list[str] | None) -> list[Entry]:
         """Dead letters (all when None) back to done, attempts kept; returns them."""
@@ -276,7 +315,11 @@ class Journal(Part):
                 f"SELECT {_COLUMNS} FROM tasks {where} ORDER BY priority, seq", args
             )
             entries = [replace(_entry(row), state="done", failed_at=None) for row in found]
-            conn.execute(f"UPDATE tasks SET state = 'done', failed_at = NULL {where}", args)
+            moved: int = conn.execute(
+                f"UPDATE tasks SET state = 'done', failed_at = NULL {where}", args
+            ).rowcount
+            self._changed("dead", -moved)
+            self._changed("done", moved)
             return entries
 
         result: list[Entry] = await self._call(op)
@@ -291,6 +334,7 @@ class Journal(Part):
                 f"DELETE FROM tasks WHERE state = 'dead'{clause}", args
             ).rowcount
             self._vacuum_due = self._vacuum_due or removed > 0
+            self._changed("dead", -removed)
             return removed
 
         removed: int = await self._call(op)
@@ -431,12 +475,13 @@ class Journal(Part):
             error = JournalUnavailable(f"task journal cannot be written: {exc}")
             results = [error] * len(batch)
             self._unwritten = [op for op, future in batch if future is None]
+            self._changes = {}  # rolled back: what changed is to come again, if at all
         else:
             self.commits += 1
+            self._apply_changes()
             if self.last_error is not None:
                 _log.info("task journal is writable again", path=str(self.path))
                 self.last_error = None
-            self._count(conn)
             if self._vacuum_due:
                 try:
                     self._vacuum(conn)
@@ -452,13 +497,24 @@ class Journal(Part):
         self.last_error = str(exc)
 
     def _count(self, conn: sqlite3.Connection) -> None:
-        # Delivered rows are left out: a day's retention of them would make this a full scan
-        # after every commit; the index on state keeps it to the tasks still in hand.
+        """Count the tasks by state, once at start; commits then keep the counts."""
         rows = conn.execute(
             "SELECT state, count(*) FROM tasks"
             " WHERE state IN ('queued', 'running', 'done', 'dead') GROUP BY state"
         )
         self._counts = {state: n for state, n in rows}
+
+    def _changed(self, state: str, by: int) -> None:
+        if by and state in COUNTED:
+            self._changes[state] = self._changes.get(state, 0) + by
+
+    def _apply_changes(self) -> None:
+        if self._changes:
+            counts = dict(self._counts)
+            for state, by in self._changes.items():
+                counts[state] = counts.get(state, 0) + by
+            self._counts = counts  # whole, so the loop never reads one half changed
+            self._changes = {}
 
     def _expire(self, conn: sqlite3.Connection) -> int:
         """Delete delivered rows past retention and give their pages back to the file system."""

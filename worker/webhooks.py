@@ -397,11 +397,11 @@ class Deliveries(Part):
                     "elapsed_ms": round((time.monotonic() - began) * 1000, 2),
                 }
                 if outcome.delivered:
-                    log.info("webhook attempt", **fields)
                     self.delivered += 1
                     self._on_outcome("delivered")
                     self._journal.delivered(task_id)
-                    log.info("webhook delivered", attempts=attempt)
+                    # The last attempt and the outcome in one line; failed attempts have theirs.
+                    log.info("webhook delivered", **fields, attempts=attempt)
                     return
                 error = scrub(outcome.error or "", url)  # aiohttp's texts may quote the URL
                 log.warning("webhook attempt failed", **fields, error=error)
@@ -573,8 +573,9 @@ class WebhookMode(Part):
     async def __call__(self, request: web.Request, spec: TaskSpec) -> web.StreamResponse:
         key = idempotency_key(request.headers)
         self._deliveries.admit()
-        # Once journaled the task runs, whether or not its client waits for the 202.
-        first = await asyncio.shield(self._accept(spec, key))
+        # Once journaled the task runs, whether or not its client waits for the 202: the
+        # listener does not cancel a handler whose client hangs up (worker/server.py).
+        first = await self._accept(spec, key)
         body: dict[str, Any] = {
             "success": True,
             "task_id": first,
