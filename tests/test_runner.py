@@ -362,3 +362,85 @@ async def test_a_cancel_while_a_thread_runs_propagates_too(runner: Runner) -> No
             await call
     finally:
         release.set()
+
+
+# --- an async def's first step runs before any timer ---------------------------------------------
+
+
+async def test_an_async_def_that_waits_goes_on_as_an_awaited_coroutine_would(
+    runner: Runner,
+) -> None:
+    order: list[str] = []
+
+    async def waits(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        order.append("first step")
+        await asyncio.sleep(0)  # a bare yield to the loop
+        order.append("after a bare yield")
+        got = await asyncio.get_running_loop().run_in_executor(None, lambda: 7)
+        order.append("after a future")
+        return {"got": got, "task": asyncio.current_task() is me}
+
+    me = asyncio.current_task()
+    result = await runner.run(spec(waits, "async"), {}, context())
+    assert (result.outcome, result.value) == (Outcome.SUCCEEDED, {"got": 7, "task": True})
+    assert order == ["first step", "after a bare yield", "after a future"]
+
+
+async def test_an_async_def_may_time_itself_and_group_tasks_after_its_first_step(
+    runner: Runner,
+) -> None:
+    # asyncio.timeout and TaskGroup act on the current task: it must be the caller's throughout.
+    async def careful(params: dict[str, Any], ctx: TaskContext) -> list[str]:
+        seen = []
+        await asyncio.sleep(0)
+        try:
+            async with asyncio.timeout(0.05):
+                await asyncio.sleep(10)
+        except TimeoutError:
+            seen.append("own timeout")
+        async with asyncio.TaskGroup() as group:
+            child = group.create_task(asyncio.sleep(0, result="child"))
+        seen.append(child.result())
+        return seen
+
+    result = await runner.run(spec(careful, "async", timeout=5), {}, context())
+    assert (result.outcome, result.value) == (Outcome.SUCCEEDED, ["own timeout", "child"])
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_a_failure_after_the_first_step_fails_the_call_with_its_error(
+    runner: Runner,
+) -> None:
+    async def breaks_later(params: dict[str, Any], ctx: TaskContext) -> None:
+        await asyncio.sleep(0.01)
+        raise ValueError("broke after waiting")
+
+    result = await runner.run(spec(breaks_later, "async"), {}, context())
+    assert (result.outcome, result.error) == (Outcome.FAILED, "broke after waiting")
+    assert isinstance(result.failure, ValueError)
+
+
+async def test_a_call_that_swallows_its_timeout_leaves_no_cancel_behind(runner: Runner) -> None:
+    async def stubborn(params: dict[str, Any], ctx: TaskContext) -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            return "kept going"
+        return "slept"
+
+    result = await runner.run(spec(stubborn, "async", timeout=0.3), {}, context())
+    assert (result.outcome, result.value) == (Outcome.SUCCEEDED, "kept going")
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    await asyncio.sleep(0)  # and the caller's next await is not cancelled
+
+
+async def test_the_deadline_counts_from_the_call_not_from_its_first_wait(runner: Runner) -> None:
+    blocked_for = 0.4
+
+    async def slow_start(params: dict[str, Any], ctx: TaskContext) -> str:
+        threading.Event().wait(blocked_for)  # a first step that keeps the loop busy
+        await asyncio.sleep(blocked_for)
+        return "in time"
+
+    result = await runner.run(spec(slow_start, "async", timeout=0.6), {}, context())
+    assert result.outcome is Outcome.TIMED_OUT  # 0.4 + 0.4 s: over 0.6 s from the call

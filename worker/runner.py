@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import types
+from collections.abc import Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,12 +105,14 @@ class Deadlines:
     def __init__(self) -> None:
         self._lanes: dict[float, _Lane] = {}
 
-    def start(self, seconds: float, task: asyncio.Task[Any]) -> Deadline:
+    def start(self, seconds: float, task: asyncio.Task[Any], began: float) -> Deadline:
+        """The deadline of a call that began at `began` (the loop's clock). Calls begin in the
+        order they are started in (one thread), so each lane stays in deadline order."""
         loop = task.get_loop()
         lane = self._lanes.get(seconds)
         if lane is None or lane.loop is not loop:
             lane = self._lanes[seconds] = _Lane(loop)
-        deadline = Deadline(loop.time() + seconds, task)
+        deadline = Deadline(began + seconds, task)
         lane.add(deadline)
         return deadline
 
@@ -121,6 +125,28 @@ class Deadlines:
         for lane in self._lanes.values():
             lane.close()
         self._lanes.clear()
+
+
+@types.coroutine
+def _rest_of(call: Coroutine[Any, Any, Any], waiting_on: Any) -> Generator[Any, Any, Any]:
+    """The rest of `call`, whose first step ran already and yielded `waiting_on`: goes on as
+    `await call` would have (what the task sends or throws in is passed through)."""
+    while True:
+        try:
+            sent = yield waiting_on
+        except GeneratorExit:
+            call.close()
+            raise
+        except BaseException as exc:
+            try:
+                waiting_on = call.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                waiting_on = call.send(sent)
+            except StopIteration as done:
+                return done.value
 
 
 def _error_text(exc: BaseException) -> str:
@@ -185,16 +211,29 @@ class Runner(Part):
         thread: concurrent.futures.Future[Any] | None = None
         task = asyncio.current_task()
         assert task is not None
-        deadline = self._deadlines.start(seconds, task)
+        began = task.get_loop().time()
+        call: Coroutine[Any, Any, Any] | None = None
+        if spec.kind == "async":
+            # Its first step runs here, before any timer: a call that ends without awaiting
+            # anything (many do little) needs no deadline, and one that waits gets its
+            # deadline counted from `began`, as a timer set before the call would be.
+            try:
+                call = spec.handler(params, ctx)
+                waiting_on = call.send(None)
+            except StopIteration as done:
+                return RunResult(Outcome.SUCCEEDED, value=done.value)
+            except Exception as exc:
+                return RunResult(Outcome.FAILED, error=_error_text(exc), failure=exc)
+        deadline = self._deadlines.start(seconds, task, began)
         try:
-            if spec.kind == "thread":
-                call = contextvars.copy_context().run
-                thread = self._threads.submit(call, spec.handler, params, ctx)
+            if call is not None:
+                value = await _rest_of(call, waiting_on)
+            elif spec.kind == "thread":
+                run_in_context = contextvars.copy_context().run
+                thread = self._threads.submit(run_in_context, spec.handler, params, ctx)
                 value = await asyncio.wrap_future(thread)
-            elif spec.kind == "generator":
-                value = await self._drain_generator(spec, params, ctx)
             else:
-                value = await spec.handler(params, ctx)
+                value = await self._drain_generator(spec, params, ctx)
         except asyncio.CancelledError:
             if not deadline.expired():
                 raise
