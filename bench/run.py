@@ -66,6 +66,7 @@ class Sizes:
     starts: int = 5  # (f)
     idle_seconds: float = 10.0  # (g)
     journaled_tasks: int = 10000  # (h) tasks in the journal when the worker is killed
+    handler_requests: int = 5000  # (a) in-process requests per batch (bench/handler.py)
 
 
 SMOKE = Sizes(
@@ -81,6 +82,7 @@ SMOKE = Sizes(
     starts=1,
     idle_seconds=1.0,
     journaled_tasks=200,
+    handler_requests=300,
 )
 
 
@@ -331,6 +333,21 @@ def ab_order(rounds: int) -> list[str]:
     return ["worker", "baseline"] * rounds
 
 
+def handler_figures(kind: str, requests: int) -> dict[str, float]:
+    """bench/handler.py for one side: CPU µs, function calls and peak KiB allocated per task."""
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "handler.py"), "--which", kind, "--requests", str(requests)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(WORKER_SOURCE)},
+        cwd=WORKER_SOURCE,
+        check=True,
+    )
+    figures: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return figures
+
+
 async def scenario_a(ctx: Context) -> dict[str, Any]:
     """Sync `hello`, slots 100, wrk at 1/16/64/256 connections, A/B/A/B."""
     sizes = ctx.sizes
@@ -380,6 +397,13 @@ async def scenario_a(ctx: Context) -> dict[str, Any]:
         await asyncio.sleep(0.2)
         raw["summary_lines"] = worker.task_lines() - before
         raw["wrk_worker_requests"] = requests
+    # The handler path in-process (bench/handler.py): the churn per task, which wrk cannot see.
+    churn = {kind: handler_figures(kind, sizes.handler_requests) for kind in ("worker", "baseline")}
+    raw["in_process"] = churn
+    w, b = churn["worker"], churn["baseline"]
+    ctx.row("a", "in-process CPU us/task", w["cpu_us"], b["cpu_us"])
+    ctx.row("a", "in-process calls/task", w["calls"], b["calls"])
+    ctx.row("a", "in-process peak KiB/task", w["peak_kib"], b["peak_kib"])
     # wrk counts answered requests only; the worker may log a few more that wrk cut off.
     if raw["summary_lines"] < requests:
         raise BenchError(f"(a) {requests} answered but only {raw['summary_lines']} log lines")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import time
 import types
 from collections.abc import Coroutine, Generator
 from dataclasses import dataclass
@@ -74,16 +75,19 @@ class _Lane:
     def add(self, deadline: Deadline) -> None:
         self.deadlines[deadline] = None
         if self.timer is None:
-            self.timer = self.loop.call_at(deadline.when, self._expire)
+            self._set(deadline.when)
+
+    def _set(self, when: float) -> None:
+        self.timer = self.loop.call_later(max(0.0, when - time.monotonic()), self._expire)
 
     def _expire(self) -> None:
         self.timer = None
-        now = self.loop.time()
+        now = time.monotonic()
         deadlines = self.deadlines
         while deadlines:
             first = next(iter(deadlines))
             if first.when > now:
-                self.timer = self.loop.call_at(first.when, self._expire)
+                self._set(first.when)
                 return
             del deadlines[first]
             first.fire()
@@ -106,7 +110,7 @@ class Deadlines:
         self._lanes: dict[float, _Lane] = {}
 
     def start(self, seconds: float, task: asyncio.Task[Any], began: float) -> Deadline:
-        """The deadline of a call that began at `began` (the loop's clock). Calls begin in the
+        """The deadline of a call that began at `began` (time.monotonic). Calls begin in the
         order they are started in (one thread), so each lane stays in deadline order."""
         loop = task.get_loop()
         lane = self._lanes.get(seconds)
@@ -209,9 +213,7 @@ class Runner(Part):
         self, spec: FunctionSpec, params: dict[str, Any], ctx: TaskContext, seconds: float
     ) -> RunResult:
         thread: concurrent.futures.Future[Any] | None = None
-        task = asyncio.current_task()
-        assert task is not None
-        began = task.get_loop().time()
+        began = time.monotonic()
         call: Coroutine[Any, Any, Any] | None = None
         if spec.kind == "async":
             # Its first step runs here, before any timer: a call that ends without awaiting
@@ -224,6 +226,8 @@ class Runner(Part):
                 return RunResult(Outcome.SUCCEEDED, value=done.value)
             except Exception as exc:
                 return RunResult(Outcome.FAILED, error=_error_text(exc), failure=exc)
+        task = asyncio.current_task()  # asked only now: on 3.11 it costs a getpid() call
+        assert task is not None
         deadline = self._deadlines.start(seconds, task, began)
         try:
             if call is not None:

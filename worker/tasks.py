@@ -140,6 +140,7 @@ class Dispatcher:
         self._jobs: set[Job] = set()
         self._all_done = asyncio.Event()
         self._all_done.set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop run_here last ran on
 
     @property
     def in_flight(self) -> int:
@@ -172,9 +173,7 @@ class Dispatcher:
         handler is not cancelled when its client hangs up (worker/server.py), so a running task
         runs to completion where it is."""
         job = Job(spec, self.slots.admit(spec.priority))
-        task = asyncio.current_task()
-        assert task is not None
-        job.task = task
+        job.task = task = self._current_task()
         if not job.admission.granted:
             job.on_start = watch(job.abandon)
         self._jobs.add(job)
@@ -188,6 +187,16 @@ class Dispatcher:
         if result.reason is not None and job.reason is not None:
             task.uncancel()  # the cancel was ours, and _run has answered it
         return result
+
+    def _current_task(self) -> asyncio.Task[Any]:
+        # With its loop given, current_task() skips get_running_loop(), which on Python 3.11
+        # makes a getpid() system call (to notice a fork) every time.
+        task = asyncio.current_task(self._loop) if self._loop is not None else None
+        if task is None:
+            self._loop = asyncio.get_running_loop()
+            task = asyncio.current_task(self._loop)
+            assert task is not None
+        return task
 
     def _forget(self, job: Job) -> None:
         if job.task.cancelled():
