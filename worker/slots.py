@@ -151,6 +151,11 @@ class SlotManager(Part):
         return lambda: self._subscribers.remove(subscriber)
 
     @property
+    def free(self) -> bool:
+        """True when a task admitted now gets a slot at once."""
+        return self._used < self._limit and self._queued == 0 and self.accepting
+
+    @property
     def accepting(self) -> bool:
         """True while new tasks are taken: when ready, and during a drain's grace period."""
         return self._status == "ready" or (self._grace and self._status == "draining")

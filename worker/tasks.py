@@ -162,20 +162,14 @@ class Dispatcher:
         job.task.add_done_callback(lambda _: self._forget(job))
         return job
 
-    async def run_here(
-        self, spec: TaskSpec, watch: Callable[[Callable[[], None]], Callable[[], None]]
-    ) -> TaskResult:
-        """Run a task in the calling task (mode sync: its request's own), which nothing but the
-        shutdown and the client leaving the queue cancels. While the task waits for a slot,
-        `watch(abandon)` has `abandon` called if the client goes, and returns its undo.
+    async def run_here(self, spec: TaskSpec) -> TaskResult:
+        """Run a task in the calling task (mode sync: its request's own), for a caller that saw
+        `slots.free`; only the shutdown cancels it.
 
-        No second task, future or shield for a task that gets its slot at once: the request's
-        handler is not cancelled when its client hangs up (worker/server.py), so a running task
-        runs to completion where it is."""
+        No second task, future or shield: the request's handler is not cancelled when its
+        client hangs up (worker/server.py), so the task runs to completion where it is."""
         job = Job(spec, self.slots.admit(spec.priority))
         job.task = task = self._current_task()
-        if not job.admission.granted:
-            job.on_start = watch(job.abandon)
         self._jobs.add(job)
         self._all_done.clear()
         try:
