@@ -380,3 +380,38 @@ async def _admits_waiting(journal: Any) -> bool:
 
 async def _no_connections(listener: Any) -> bool:
     return bool(listener.health()["http"]["connections"] == 0)
+
+
+async def test_a_result_goes_out_only_once_the_journal_holds_it(
+    worker_app: StartWorker, tmp_path: Path, receiver: Receiver
+) -> None:
+    """A kill between a receiver's 2xx and the commit of the result would have the next start
+    answer the task again, as interrupted: two different answers for one task (seen in
+    test_kills_at_random_moments_lose_nothing once delivery connections were kept alive)."""
+    client, running = await worker_app(worker={"state_dir": str(tmp_path)})
+    journal = running.worker.journal
+    steer = running.registry.functions["wait_gate"].handler.__globals__
+    body = task("wait_gate", mode="webhook", input={"gate": "commit"}, _taskId="held-result")
+    body["webhook"] = {"url": receiver.url}
+    response = await client.post("/task", json=body, headers=AUTH)
+    assert response.status == 202
+    await asyncio.wait_for(steer["started"]("commit").wait(), 5)
+    disk = threading.Event()
+    writer_held = asyncio.ensure_future(journal._call(lambda conn: disk.wait(10)))
+
+    async def result_waits() -> bool:  # the function ended; its result is behind the writer
+        return "commit" in steer["FINISHED"] and bool(journal._batches.qsize())
+
+    steer["gate"]("commit").set()
+    await poll(result_waits, timeout=5)
+
+    async def sent() -> bool:
+        return bool(receiver.bodies)
+
+    with pytest.raises(AssertionError):  # nothing goes out while the result is not on disk
+        await poll(sent, timeout=1.0)
+    disk.set()
+    await writer_held
+    await all_delivered(receiver, {"held-result"})
+    assert len(receiver.bodies["held-result"]) == 1
+    assert receiver.bodies["held-result"][0]["success"] is True

@@ -121,6 +121,10 @@ class _Move:
     sql: str
 
 
+def _nothing(conn: sqlite3.Connection) -> None:
+    return None
+
+
 def _moves(target: State, assignments: str, sources: tuple[State, ...]) -> tuple[_Move, ...]:
     """The statements that move a task to `target` from each state it may leave, the
     likeliest first: the first that changes a row is the last tried."""
@@ -274,6 +278,11 @@ class Journal(Part):
 
     def attempted(self, task_id: str, attempts: int, error: str | None) -> None:
         self._submit(lambda conn: conn.execute(_ATTEMPTED, (attempts, error, task_id)), None)
+
+    async def committed(self) -> None:
+        """Return once every change submitted before this call is committed (they are applied
+        in order); JournalUnavailable when they could not be."""
+        await self._call(_nothing)
 
     def delivered(self, task_id: str) -> None:
         self._move(_TO_DELIVERED, task_id, time.time())

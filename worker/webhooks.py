@@ -13,6 +13,7 @@ values, queries, fragments and userinfo never are.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import hashlib
 import hmac
@@ -380,6 +381,12 @@ class Deliveries(Part):
         attempt = made
         error = ""
         try:
+            if self._journal.durable:
+                # Nothing goes out before the journal holds the result: a kill between a
+                # receiver's 2xx and the result's commit would send the task again as
+                # interrupted, a second and different answer for one task.
+                with contextlib.suppress(JournalUnavailable):  # then it goes out all the same
+                    await self._journal.committed()
             headers = request_headers(delivery, body, settings)
             for attempt in range(made + 1, last + 1):
                 began = time.monotonic()
