@@ -655,20 +655,9 @@ async def webhooks(url: str, count: int) -> dict[str, Any]:
         await receiver.reached(1)
         receiver.bodies.clear()
         receiver.expected = count + 1
-        pending = iter(range(count))
-        accepted = 0
         began = time.perf_counter()
-
-        async def client() -> None:
-            nonlocal accepted
-            for _ in pending:
-                status, answer = await post(session, url, body)
-                if status != 202:
-                    raise BenchError(f"(d) webhook answered {status} {answer!r}")
-                accepted += 1
-
         async with asyncio.timeout(120):
-            await asyncio.gather(*(client() for _ in range(64)))
+            accepted = await post_all(session, url, body, count, 202, "webhook")
             accepted_at = time.perf_counter()
             await receiver.reached(count)
     first = receiver.bodies[0]
@@ -687,22 +676,30 @@ async def sync_requests(url: str, count: int) -> dict[str, Any]:
     """`count` no-op tasks in mode sync from 64 connections, as (d) posts its webhook tasks."""
     body = {"function": "noop", "contract": 1}
     async with aiohttp.ClientSession(connector=connector(64)) as session:
-        pending = iter(range(count))
-        answered = 0
         began = time.perf_counter()
-
-        async def client() -> None:
-            nonlocal answered
-            for _ in pending:
-                status, answer = await post(session, url, body)
-                if status != 200:
-                    raise BenchError(f"(d) sync noop answered {status} {answer!r}")
-                answered += 1
-
         async with asyncio.timeout(120):
-            await asyncio.gather(*(client() for _ in range(64)))
+            answered = await post_all(session, url, body, count, 200, "sync noop")
         elapsed = time.perf_counter() - began
     return {"tasks": count, "answered": answered, "per_s": answered / elapsed}
+
+
+async def post_all(
+    session: aiohttp.ClientSession, url: str, body: Any, count: int, expected: int, what: str
+) -> int:
+    """`count` posts of `body` from 64 clients sharing `session`, each answered `expected`."""
+    pending = iter(range(count))
+    answered = 0
+
+    async def client() -> None:
+        nonlocal answered
+        for _ in pending:
+            status, answer = await post(session, url, body)
+            if status != expected:
+                raise BenchError(f"(d) {what} answered {status} {answer!r}")
+            answered += 1
+
+    await asyncio.gather(*(client() for _ in range(64)))
+    return answered
 
 
 async def scenario_d(ctx: Context) -> dict[str, Any]:
