@@ -7,6 +7,7 @@ import ipaddress
 import pytest
 
 from tests.conftest import make_config
+from worker import targets
 from worker.errors import ConfigError
 from worker.targets import TargetPolicy, is_local, loggable, scrub
 
@@ -125,3 +126,37 @@ def test_scrub_removes_every_trace_of_query_fragment_and_userinfo() -> None:
     assert "http://127.0.0.1:8080/x" in cleaned
     for word in ("SECRET", "pw", "frag", "token"):
         assert word not in cleaned
+
+
+URLS = [
+    "http://169.254.169.254/latest/meta-data",
+    "http://127.0.0.1:3000/off",
+    "http://127.0.0.1:3001/hook?token=1",
+    "http://10.0.0.5:8080/hook",
+    "http://denied.test/hook",
+    "http://hooks.example.org/",
+    "http://127.1:8080/",
+    "http://[::1]:3000/",
+]
+
+
+def test_a_policy_answers_a_url_it_has_seen_as_it_did_the_first_time() -> None:
+    kept = TargetPolicy(["10.0.0.0/8", "127.0.0.0/8", "::1"], ["denied.test"], own_ports={3000})
+    first = [kept.refusal_of_url(url) for url in URLS]
+    again = [kept.refusal_of_url(url) for url in URLS * 3]
+    fresh = TargetPolicy(["10.0.0.0/8", "127.0.0.0/8", "::1"], ["denied.test"], own_ports={3000})
+    assert again == first * 3 == [fresh.refusal_of_url(url) for url in URLS] * 3
+    assert "own port" in str(first[1]) and "own port" in str(first[7])
+    assert first[2] is None and first[3] is None
+
+
+def test_the_answers_a_policy_keeps_are_bounded() -> None:
+    policy = TargetPolicy([], [], own_ports={3000})
+    for n in range(targets.DECISIONS_KEPT * 2 + 10):
+        assert policy.refusal_of_url(f"http://10.0.0.1/hook?n={n}") is None
+    assert len(policy._decided) <= targets.DECISIONS_KEPT
+    long = "http://10.0.0.1/" + "a" * targets.DECIDED_URL_LENGTH
+    assert policy.refusal_of_url(long) is None and long not in policy._decided
+    # Whether an address is this machine's own is asked again each time, not kept.
+    assert "own port" in str(policy.refusal_of_url("http://127.0.0.1:3000/"))
+    assert "http://127.0.0.1:3000/" not in policy._decided

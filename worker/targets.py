@@ -112,6 +112,9 @@ ALWAYS_REFUSED: tuple[tuple[Network, str], ...] = tuple(
         ("255.255.255.255/32", "a broadcast address"),
     )
 )
+# refusal_of_url answers a policy keeps, at most 2 MiB of URLs: then it starts again.
+DECISIONS_KEPT = 1024
+DECIDED_URL_LENGTH = 2048
 _HOST_NAME = re.compile(
     r"^(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*$"
 )
@@ -238,6 +241,9 @@ class TargetPolicy:
         self.allow = parse_entries(allow)
         self.deny = parse_entries(deny)
         self.own_ports = frozenset(p for p in own_ports if p)
+        # refusal_of_url's answers by URL: they depend on the URL and this (unchanging) policy
+        # only, except where a port of ours asks the machine whether an address is local.
+        self._decided: dict[str, str | None] = {}
 
     def refusal(self, address: Address, port: int, host: str | None = None) -> str | None:
         """Why connecting to `address`:`port` (reached as `host`) is refused, or None."""
@@ -264,25 +270,37 @@ class TargetPolicy:
         """Why `url` is refused before any lookup: by its literal address, or its host name
         alone; None when it may be tried (addresses are checked again once resolved)."""
         try:
+            return self._decided[url]
+        except KeyError:
+            pass
+        refusal, asked_the_machine = self._decide(url)
+        if not asked_the_machine and len(url) <= DECIDED_URL_LENGTH:
+            if len(self._decided) >= DECISIONS_KEPT:
+                self._decided.clear()
+            self._decided[url] = refusal
+        return refusal
+
+    def _decide(self, url: str) -> tuple[str | None, bool]:
+        try:
             parsed = URL(url)
             host = parsed.raw_host or ""
             port = parsed.port or 0
             address = literal_address(host)
         except ValueError:
-            return "target host is not a valid host name or IP address"
+            return "target host is not a valid host name or IP address", False
         if address is not None:
-            return self.refusal(address, port, host)
+            return self.refusal(address, port, host), port in self.own_ports
         name = _name(host)
         assert name is not None
         if any(entry.names(name) for entry in self.deny):
-            return f"target {name} is denied by webhook.deny"
+            return f"target {name} is denied by webhook.deny", False
         if (
             self.allow
             and not any(entry.names(name) for entry in self.allow)
             and all(entry.network is None for entry in self.allow)
         ):
-            return f"target {name} is not in webhook.allow"
-        return None
+            return f"target {name} is not in webhook.allow", False
+        return None, False
 
 
 def _name(host: str | None) -> str | None:
