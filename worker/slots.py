@@ -77,46 +77,54 @@ class Lease:
 
 
 class Admission:
-    """A place in line: already granted a slot, or queued for one."""
+    """A place in line: already granted a slot, or queued for one. A queued place is told of
+    its slot by `on_grant` (a job starts its task only then), or waited for with `lease()`."""
 
-    __slots__ = ("_manager", "abandoned", "future", "priority", "seq")
+    __slots__ = ("_future", "_manager", "abandoned", "granted", "on_grant", "priority", "seq")
 
     def __init__(self, manager: SlotManager, priority: int, seq: int, granted: bool) -> None:
         self._manager = manager
         self.abandoned = False
+        self.granted = granted
         self.priority = priority
         self.seq = seq
-        # Only a queued place waits: a slot granted at once needs nothing to wait on.
-        self.future: asyncio.Future[None] | None = (
-            None if granted else asyncio.get_running_loop().create_future()
-        )
+        self.on_grant: Callable[[], None] | None = None
+        self._future: asyncio.Future[None] | None = None  # only while lease() waits
 
     def __lt__(self, other: Admission) -> bool:
         return (self.priority, self.seq) < (other.priority, other.seq)
 
     @property
-    def granted(self) -> bool:
-        future = self.future
-        return future is None or (future.done() and not future.cancelled())
-
-    @property
     def waiting(self) -> bool:
         """True while queued for a slot."""
-        return self.future is not None and not self.future.done()
+        return not self.granted and not self.abandoned
 
     async def lease(self) -> Lease:
         """Wait for the slot; cancelling this leaves the queue without ever taking one."""
-        if self.future is not None:
+        if not self.granted:
+            if self.abandoned:
+                raise asyncio.CancelledError
+            self._future = asyncio.get_running_loop().create_future()
             try:
-                await self.future
+                await self._future
             except asyncio.CancelledError:
                 self.abandon()
                 raise
+            finally:
+                self._future = None
         return Lease(self._manager)
 
     def abandon(self) -> None:
         """Give up this place: leave the queue, or give back a slot granted but never used."""
         self._manager._abandon(self)
+
+    def _grant(self) -> None:
+        self.granted = True
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+        if self.on_grant is not None:
+            on_grant, self.on_grant = self.on_grant, None
+            on_grant()
 
 
 class SlotManager(Part):
@@ -219,9 +227,10 @@ class SlotManager(Part):
             # The slot was handed over just as the waiter was cancelled: pass it on.
             self._release()
             return
-        assert admission.future is not None  # not granted: it was queued
-        admission.future.cancel()  # removed lazily from the heap
-        self._queued -= 1
+        if admission._future is not None:
+            admission._future.cancel()
+        admission.on_grant = None
+        self._queued -= 1  # and it is removed from the heap lazily
         if len(self._heap) > 64 and len(self._heap) > 2 * self._queued:
             self._heap = [a for a in self._heap if a.waiting]
             heapq.heapify(self._heap)
@@ -237,10 +246,9 @@ class SlotManager(Part):
             admission = heapq.heappop(self._heap)
             if not admission.waiting:
                 continue
-            assert admission.future is not None
             self._queued -= 1
             self._used += 1
-            admission.future.set_result(None)
+            admission._grant()
 
     def _changed(self) -> None:
         if self._used == 0 and self._queued == 0:

@@ -1,8 +1,9 @@
 """Accepted tasks: from a place in the queue, through a slot, to a recorded outcome.
 
-Each accepted task runs as a job (its own asyncio task) owned here, apart from the HTTP request
-that brought it: a client that hangs up while its task runs does not stop the task, and the
-outcome is still counted and logged. One summary line per task is written here and nowhere else.
+Each accepted task is a job owned here. A queued job is only its place in line; given a slot it
+runs in its own asyncio task (or, in mode sync with a slot free, in its request's). A client
+that hangs up while its task runs does not stop the task, and the outcome is still counted and
+logged. One summary line per task is written here and nowhere else.
 """
 
 from __future__ import annotations
@@ -65,60 +66,95 @@ class TaskResult:
 
 
 class Job:
-    """One accepted task in flight; `running` turns true when it holds a slot."""
+    """One accepted task in flight. It gets its asyncio task only with its slot, so a queued
+    task is just its place in line; `running` turns true once the task has begun."""
 
-    __slots__ = ("admission", "on_start", "reason", "running", "spec", "task")
+    __slots__ = (
+        "_waiter",
+        "accepted",
+        "admission",
+        "dispatcher",
+        "on_end",
+        "on_start",
+        "outcome",
+        "reason",
+        "running",
+        "spec",
+        "stream",
+        "task",
+    )
 
     def __init__(
-        self, spec: TaskSpec, admission: Admission, on_start: Callable[[], None] | None = None
+        self,
+        dispatcher: Dispatcher,
+        spec: TaskSpec,
+        admission: Admission,
+        stream: StreamWriter | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> None:
+        self.dispatcher = dispatcher
         self.spec = spec
         self.admission = admission
+        self.stream = stream
         self.on_start = on_start  # told when the task takes its slot (the journal)
+        self.accepted = time.monotonic()
         self.running = False
         self.reason: Reason | None = None  # why it was cancelled, once it was
-        # The task it runs in: its own (`submit`), or its request's (`run_here`).
-        self.task: asyncio.Task[Any]
+        # The task it runs in, once it has a slot: its own (`submit`), or its request's
+        # (`run_here`).
+        self.task: asyncio.Task[Any] | None = None
+        self.outcome: TaskResult | None = None  # set once, when it has ended
+        self.on_end: list[Callable[[Job], None]] = []  # told once it has ended
+        self._waiter: asyncio.Future[None] | None = None  # only while `result()` waits
 
     def cancel(self, reason: Reason) -> None:
         """Cancel the task, keeping why: asyncio hands the reason to its first reader only."""
+        if self.outcome is not None:
+            return
         if self.reason is None:
             self.reason = reason
-        self.task.cancel(reason)
+        if self.task is not None:
+            self.task.cancel(reason)
+        else:  # still queued: it ends here
+            self.dispatcher._end_before_start(self)
 
     def abandon(self) -> None:
         """The client left: a queued task leaves the queue; a running one runs to completion."""
         if not self.running:
             self.cancel(Reason.CLIENT_GONE_QUEUED)
 
+    def start(self) -> None:
+        """Its slot is granted: run it (Admission.on_grant)."""
+        self.dispatcher._start(self)
+
     async def result(self) -> TaskResult:
         """Wait for the outcome on behalf of the client; if the client goes, abandon the task."""
-        try:
-            return await asyncio.shield(self.task)
-        except asyncio.CancelledError:
-            caller = asyncio.current_task()
-            if self.task.cancelled() and caller is not None and not caller.cancelling():
-                return self.finished()  # the client is still here
-            self.abandon()
-            raise
-
-    def cancel_reason(self) -> Reason:
-        """Why a job cancelled before its first step was cancelled."""
-        return self.reason if self.reason is not None else Reason.SHUTDOWN
+        if self.outcome is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            except asyncio.CancelledError:
+                self.abandon()
+                raise
+            finally:
+                self._waiter = None
+        return self.finished()
 
     def finished(self) -> TaskResult:
-        """The outcome of a job that is done, also one cancelled before it ever ran."""
-        if self.task.cancelled():
-            reason = self.cancel_reason()
-            return TaskResult(
-                self.spec.task_id, Outcome.CANCELLED, error=reason.value, reason=reason
-            )
-        failure = self.task.exception()
-        if failure is not None:  # _run records every outcome itself; this is a bug's trace
-            error = f"internal error: {failure!r}"
-            return TaskResult(self.spec.task_id, Outcome.FAILED, error=error)
-        result: TaskResult = self.task.result()  # a job of `submit`: its task is its _run
-        return result
+        """The outcome of a job that has ended."""
+        assert self.outcome is not None, "the job has not ended"
+        return self.outcome
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if self.outcome is None:  # cancelled before its first step, so _run never saw it
+            self.dispatcher._end_before_start(self)
+
+    def _ended(self, outcome: TaskResult) -> None:
+        self.outcome = outcome
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        for callback in self.on_end:
+            callback(self)
 
 
 class Dispatcher:
@@ -154,12 +190,14 @@ class Dispatcher:
         promised: bool = False,
     ) -> Job:
         """Queue a task (raises Unavailable when the worker cannot take it, unless it was
-        `promised` before a restart) and start its job."""
-        job = Job(spec, self.slots.admit(spec.priority, promised), on_start)
-        job.task = asyncio.create_task(self._run(job, stream))
+        `promised` before a restart); its job starts once it has a slot."""
+        job = Job(self, spec, self.slots.admit(spec.priority, promised), stream, on_start)
         self._jobs.add(job)
         self._all_done.clear()
-        job.task.add_done_callback(lambda _: self._forget(job))
+        if job.admission.granted:
+            self._start(job)
+        else:
+            job.admission.on_grant = job.start
         return job
 
     async def run_here(self, spec: TaskSpec) -> TaskResult:
@@ -168,16 +206,12 @@ class Dispatcher:
 
         No second task, future or shield: the request's handler is not cancelled when its
         client hangs up (worker/server.py), so the task runs to completion where it is."""
-        job = Job(spec, self.slots.admit(spec.priority))
+        job = Job(self, spec, self.slots.admit(spec.priority))
+        assert job.admission.granted, "run_here is for a task with a slot free"
         job.task = task = self._current_task()
         self._jobs.add(job)
         self._all_done.clear()
-        try:
-            result = await self._run(job, None)
-        finally:
-            self._jobs.discard(job)
-            if not self._jobs:
-                self._all_done.set()
+        result = await self._run(job)
         if result.reason is not None and job.reason is not None:
             task.uncancel()  # the cancel was ours, and _run has answered it
         return result
@@ -192,25 +226,34 @@ class Dispatcher:
             assert task is not None
         return task
 
-    def _forget(self, job: Job) -> None:
-        if job.task.cancelled():
-            # Cancelled before its first step, so _run never saw it: give back its place here.
-            job.admission.abandon()
-            self.counts[Outcome.CANCELLED] += 1
-            reason = job.cancel_reason()
-            _log.log(
-                verdict(Outcome.CANCELLED, reason).level,
-                "task",
-                task_id=job.spec.task_id,
-                function=job.spec.function.name,
-                outcome=Outcome.CANCELLED.value,
-                error=f"{reason.value} (before start)",
-            )
-            if self.on_outcome is not None:
-                self.on_outcome(job.spec, job.finished())
+    def _start(self, job: Job) -> None:
+        job.task = asyncio.get_running_loop().create_task(self._run(job))
+        job.task.add_done_callback(job._task_done)
+
+    def _end_before_start(self, job: Job) -> None:
+        """A job cancelled while queued (or granted its slot but not yet begun): it gives back
+        its place, or the slot, and ends with the summary line _run would have written."""
+        job.admission.abandon()
+        reason = job.reason if job.reason is not None else Reason.SHUTDOWN
+        queue_wait = time.monotonic() - job.accepted
+        cancelled = RunResult(Outcome.CANCELLED, error=reason.value, reason=reason)
+        self.counts[Outcome.CANCELLED] += 1
+        self._log_summary(job.spec, cancelled, queue_wait, 0.0)
+        spec = job.spec
+        self._end(
+            job,
+            TaskResult(
+                spec.task_id, Outcome.CANCELLED, None, reason.value, queue_wait, 0.0, reason
+            ),
+        )
+
+    def _end(self, job: Job, outcome: TaskResult) -> None:
+        if self.on_outcome is not None:
+            self.on_outcome(job.spec, outcome)
         self._jobs.discard(job)
         if not self._jobs:
             self._all_done.set()
+        job._ended(outcome)
 
     async def wait_done(self) -> None:
         """Return once every accepted task has an outcome."""
@@ -218,38 +261,44 @@ class Dispatcher:
 
     def cancel_all(self, reason: Reason = Reason.SHUTDOWN) -> int:
         """Cancel every task still queued or running; returns how many were cancelled."""
-        for job in self._jobs:
+        jobs = list(self._jobs)
+        for job in jobs:
             job.cancel(reason)
-        return len(self._jobs)
+        return len(jobs)
 
-    async def _run(self, job: Job, stream: StreamWriter | None) -> TaskResult:
+    async def _run(self, job: Job) -> TaskResult:
+        """Run a job that holds its slot, and end it."""
         spec = job.spec
-        ctx = TaskContext(
-            spec.task_id, spec.function.name, spec.priority, spec.mode, stream, None, self.services
-        )
-        accepted = time.monotonic()
-        started: float | None = None
-        lease: Lease | None = None
+        lease = Lease(self.slots)
+        job.running = True
+        started = time.monotonic()
         result = RunResult(Outcome.CANCELLED)
         try:
-            lease = await job.admission.lease()
-            job.running = True
-            started = time.monotonic()
             if job.on_start is not None:
                 job.on_start()
+            ctx = TaskContext(
+                spec.task_id,
+                spec.function.name,
+                spec.priority,
+                spec.mode,
+                job.stream,
+                None,
+                self.services,
+            )
             result = await self.runner.run(spec.function, spec.params, ctx)
         except asyncio.CancelledError as exc:
             reason = job.reason if job.reason is not None else reason_of(exc)
             result = RunResult(Outcome.CANCELLED, error=reason.value, reason=reason)
+        except Exception as exc:  # a bug here must not leave the task without an outcome
+            result = RunResult(Outcome.FAILED, error=f"internal error: {exc!r}")
         finally:
-            if lease is not None:
-                if result.overrun is not None:
-                    lease.release_when_done(result.overrun)
-                else:
-                    lease.release()
+            if result.overrun is not None:
+                lease.release_when_done(result.overrun)
+            else:
+                lease.release()
         ended = time.monotonic()
-        queue_wait = (started or ended) - accepted
-        run_time = ended - started if started is not None else 0.0
+        queue_wait = started - job.accepted
+        run_time = ended - started
         self.counts[result.outcome] += 1
         self._log_summary(spec, result, queue_wait, run_time)
         ended_as = TaskResult(
@@ -261,8 +310,7 @@ class Dispatcher:
             run_time,
             result.reason,
         )
-        if self.on_outcome is not None:
-            self.on_outcome(spec, ended_as)
+        self._end(job, ended_as)
         return ended_as
 
     @staticmethod

@@ -326,7 +326,7 @@ class Deliveries(Part):
     def follow(self, job: Job) -> None:
         """Deliver the job's result as soon as its function ends."""
         self._accepted += 1
-        job.task.add_done_callback(lambda _: self._start(job))
+        job.on_end.append(self._start)
 
     def resend(self, delivery: Delivery, body: bytes, made: int, fresh: bool) -> None:
         """Deliver a body the journal kept: after a restart its attempts go on from `made`
@@ -627,7 +627,7 @@ class WebhookMode(Part):
             spec, on_start=lambda: self._journal.running(task_id), promised=promised
         )
         self._jobs.add(job)
-        job.task.add_done_callback(lambda _: self._jobs.discard(job))
+        job.on_end.append(self._jobs.discard)
         self._deliveries.follow(job)
 
     async def start(self) -> None:
