@@ -186,6 +186,27 @@ async def test_the_summary_line_counts_attempts_when_there_were_retries(
 # --- a client that goes ---------------------------------------------------------------------------
 
 
+async def test_a_queued_job_holds_no_asyncio_task_until_it_has_a_slot(
+    dispatcher: Dispatcher,
+) -> None:
+    holder = Gate()
+    dispatcher.submit(gated(holder, "holder"))
+    await holder.started.wait()
+    before = len(asyncio.all_tasks())
+    gates = [Gate() for _ in range(10)]
+    queued = [dispatcher.submit(gated(gate, f"q{n}")) for n, gate in enumerate(gates)]
+    assert dispatcher.slots.state().queue == 10
+    assert len(asyncio.all_tasks()) == before  # 10,000 queued tasks hold no coroutine
+    holder.open.set()
+    await gates[0].started.wait()
+    assert queued[0].task is not None and all(job.task is None for job in queued[1:])
+    for gate in gates:
+        gate.open.set()
+    results = [await job.result() for job in queued]
+    assert [r.outcome for r in results] == [Outcome.SUCCEEDED] * 10
+    assert dispatcher.slots.state() == SlotState("ready", 0, 1, 0)
+
+
 async def test_a_queued_job_abandoned_by_its_client_leaves_the_queue_and_takes_no_slot(
     dispatcher: Dispatcher,
 ) -> None:
