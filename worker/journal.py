@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import structlog
 
+from worker.jsoncodec import dumps_answer
 from worker.parts import Part
 
 _log = structlog.get_logger("worker.journal")
@@ -240,7 +241,8 @@ class Journal(Part):
     async def admit(self, entry: Entry) -> Entry | None:
         """Journal a new queued task and return once committed; when its idempotency key is
         already known, write nothing and return the existing entry."""
-        params, headers = json.dumps(entry.params), json.dumps(entry.headers)
+        params = dumps_answer(entry.params).decode()
+        headers = dumps_answer(entry.headers).decode()
 
         def op(conn: sqlite3.Connection) -> Entry | None:
             if entry.idempotency_key is not None:

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import re
 import socket
 import time
@@ -37,7 +38,7 @@ from aiohttp.resolver import DefaultResolver
 from multidict import CIMultiDict
 from yarl import URL
 
-from worker import __version__
+from worker import __version__, logs
 from worker.config import Config, WebhookSection
 from worker.errors import BadRequest, Unavailable
 from worker.functions import Registry
@@ -377,7 +378,7 @@ class Deliveries(Part):
         settings = self._settings
         task_id, url = delivery.task_id, delivery.webhook.url
         last = made + budget
-        log = _log.bind(task_id=task_id, function=delivery.function, target=loggable(url))
+        about = {"task_id": task_id, "function": delivery.function, "target": loggable(url)}
         attempt = made
         error = ""
         try:
@@ -408,10 +409,12 @@ class Deliveries(Part):
                     self._on_outcome("delivered")
                     self._journal.delivered(task_id)
                     # The last attempt and the outcome in one line; failed attempts have theirs.
-                    log.info("webhook delivered", **fields, attempts=attempt)
+                    logs.emit(
+                        logging.INFO, "webhook delivered", {**about, **fields, "attempts": attempt}
+                    )
                     return
                 error = scrub(outcome.error or "", url)  # aiohttp's texts may quote the URL
-                log.warning("webhook attempt failed", **fields, error=error)
+                _log.warning("webhook attempt failed", **about, **fields, error=error)
                 self._journal.attempted(task_id, attempt, error)
                 if not outcome.retry or attempt == last:
                     break
@@ -421,17 +424,21 @@ class Deliveries(Part):
                 await asyncio.sleep(max(delay, outcome.retry_after))
         except asyncio.CancelledError:
             self._undelivered()
-            log.warning("webhook undelivered", attempts=attempt, error=STOPPING)
+            _log.warning("webhook undelivered", **about, attempts=attempt, error=STOPPING)
             raise
         except Exception as exc:  # whatever happens, the task ends counted and logged
             error = _internal(exc)
             self._undelivered()
             self._journal.dead(task_id, error, attempt)
-            log.error("webhook undelivered", attempts=attempt, error=error, dead_letter=True)
+            _log.error(
+                "webhook undelivered", **about, attempts=attempt, error=error, dead_letter=True
+            )
             return
         self._undelivered()
         self._journal.dead(task_id, error, attempt)
-        log.warning("webhook undelivered", attempts=attempt, error=error, dead_letter=True)
+        _log.warning(
+            "webhook undelivered", **about, attempts=attempt, error=error, dead_letter=True
+        )
 
     def _undelivered(self) -> None:
         self.failed += 1
