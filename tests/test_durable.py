@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer, unused_port
 
-from tests.conftest import AUTH, AUTH_KEY, Worker, task
+from tests.conftest import AUTH, AUTH_KEY, Worker, task, wait_for
 from tests.daemon import Daemon, poll
 
 pytestmark = pytest.mark.timeout(120)
@@ -351,8 +351,9 @@ async def test_a_task_journaled_for_a_client_that_hung_up_still_runs(
     client, running = await worker_app(worker={"state_dir": str(tmp_path)})
     journal = running.worker.journal
     edge = running.worker.listener
-    disk = threading.Event()
-    writer_held = asyncio.ensure_future(journal._call(lambda conn: disk.wait(10)))
+    entered, disk = threading.Event(), threading.Event()
+    writer_held = asyncio.ensure_future(journal._call(lambda conn: (entered.set(), disk.wait(10))))
+    await wait_for(entered.is_set)  # the writer is inside it: what comes next waits
     body = task("hello", mode="webhook", _taskId="hung-up-client")
     body["webhook"] = {"url": receiver.url}
     raw = json.dumps(body).encode()
@@ -396,8 +397,9 @@ async def test_a_result_goes_out_only_once_the_journal_holds_it(
     response = await client.post("/task", json=body, headers=AUTH)
     assert response.status == 202
     await asyncio.wait_for(steer["started"]("commit").wait(), 5)
-    disk = threading.Event()
-    writer_held = asyncio.ensure_future(journal._call(lambda conn: disk.wait(10)))
+    entered, disk = threading.Event(), threading.Event()
+    writer_held = asyncio.ensure_future(journal._call(lambda conn: (entered.set(), disk.wait(10))))
+    await wait_for(entered.is_set)  # the writer is inside it: what comes next waits
 
     async def result_waits() -> bool:  # the function ended; its result is behind the writer
         return "commit" in steer["FINISHED"] and bool(journal._batches.qsize())

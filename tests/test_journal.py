@@ -9,6 +9,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,26 @@ async def test_admits_in_one_loop_turn_share_one_transaction(journal: Journal) -
     assert len(rows(journal.path)) == 50
     await journal.admit(entry("later"))
     assert journal.commits == before + 2
+
+
+async def test_what_comes_while_the_writer_is_busy_goes_into_one_commit(
+    journal: Journal,
+) -> None:
+    """Group commit across loop turns: under load a turn hands over a few changes, and a
+    transaction for each was most of the journal's cost."""
+    entered, disk = threading.Event(), threading.Event()
+    held = asyncio.ensure_future(journal._call(lambda conn: (entered.set(), disk.wait(10))))
+    await wait_for(entered.is_set)  # the writer is inside that transaction
+    before = journal.commits
+    admits = []
+    for n in range(5):  # five loop turns, five batches handed over
+        admits.append(asyncio.ensure_future(journal.admit(entry(f"t{n}"))))
+        await wait_for(lambda n=n: journal._batches.qsize() == n + 1)
+    disk.set()
+    await held
+    assert await asyncio.gather(*admits) == [None] * 5
+    assert journal.commits == before + 2  # the held one, then the five batches in one
+    assert len(rows(journal.path)) == 5
 
 
 async def test_every_state_change(journal: Journal) -> None:
