@@ -207,6 +207,23 @@ async def test_a_queued_job_holds_no_asyncio_task_until_it_has_a_slot(
     assert dispatcher.slots.state() == SlotState("ready", 0, 1, 0)
 
 
+async def test_queued_jobs_start_when_the_slots_grow(dispatcher: Dispatcher) -> None:
+    holder = Gate()
+    held = dispatcher.submit(gated(holder, "holder"))
+    await holder.started.wait()
+    gates = [Gate() for _ in range(3)]
+    queued = [dispatcher.submit(gated(gate, f"q{n}")) for n, gate in enumerate(gates)]
+    dispatcher.slots.resize(4)  # a reload: every queued job gets a slot, and its task
+    for gate in gates:
+        await asyncio.wait_for(gate.started.wait(), 5)
+    assert dispatcher.slots.state() == SlotState("ready", 4, 4, 0)
+    for gate in [holder, *gates]:
+        gate.open.set()
+    results = [await job.result() for job in [held, *queued]]
+    assert [r.outcome for r in results] == [Outcome.SUCCEEDED] * 4
+    assert dispatcher.slots.state() == SlotState("ready", 0, 4, 0)
+
+
 async def test_a_queued_job_abandoned_by_its_client_leaves_the_queue_and_takes_no_slot(
     dispatcher: Dispatcher,
 ) -> None:
