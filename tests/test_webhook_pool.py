@@ -51,6 +51,30 @@ async def test_deliveries_to_one_receiver_reuse_a_connection(
     assert len(peers) == 3 and len(set(peers)) == 1
 
 
+async def test_a_receivers_cookie_never_goes_out_with_another_delivery(
+    worker_app: StartWorker, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    """Deliveries of different clients' tasks share a session: a cookie one receiver set would
+    otherwise ride along with every later delivery to its host."""
+    cookies: list[str | None] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        await request.read()
+        cookies.append(request.headers.get("Cookie"))
+        response = web.Response(status=200)
+        response.set_cookie("session", "first-task-only", path="/")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    client, runtime = await worker_app(webhook=webhook_config())
+    for n in range(1, 4):  # a name: aiohttp's default jar keeps no cookie of an IP address
+        await deliver_one(client, runtime, f"http://localhost:{server.port}/hook", n)
+    assert runtime.deliveries.delivered == 3
+    assert cookies == [None, None, None]
+
+
 async def test_a_policy_change_drops_the_connections_checked_under_the_old_one(
     worker_app: StartWorker, aiohttp_server: Callable[..., Awaitable[TestServer]]
 ) -> None:

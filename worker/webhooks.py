@@ -300,7 +300,10 @@ class Deliveries(Part):
             use_dns_cache=False,
             keepalive_timeout=KEEPALIVE_TIMEOUT,
         )
-        return _Pool(aiohttp.ClientSession(connector=connector), policy)
+        # No cookie jar: deliveries of different clients' tasks share this session, and a
+        # cookie one receiver set must not go out with the next delivery to its host.
+        session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+        return _Pool(session, policy)
 
     def _current_pool(self) -> _Pool | None:
         pool = self._pool
