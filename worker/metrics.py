@@ -25,7 +25,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from worker.parts import Part
-from worker.slots import PRECEDENCE, SlotManager, SlotState
+from worker.slots import PRECEDENCE, SlotManager
 from worker.tasks import TaskResult, TaskSpec
 
 # Seconds; prometheus_client's default buckets.
@@ -75,8 +75,6 @@ class Metrics(Part, Collector):
         self._services = services  # [{"name", "state", "status"}]
         self._pending = pending_deliveries
         self._dead_letters = dead_letters
-        self._state: SlotState = slots.state()
-        self._unsubscribe: Callable[[], None] | None = None
         self.tasks: Counter[tuple[str, str, str]] = Counter()
         self.durations: dict[str, Histogram] = {}
         self.queue_wait = Histogram()
@@ -87,19 +85,8 @@ class Metrics(Part, Collector):
         for standard in (ProcessCollector, PlatformCollector, GCCollector):
             standard(registry=self.registry)
 
-    async def start(self) -> None:
-        self._state = self._slots.state()
-        self._unsubscribe = self._slots.subscribe(self._on_slots)
-
-    async def stop(self, deadline: float) -> None:
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
-
     # --- the hot path: plain counting -------------------------------------------------------
-
-    def _on_slots(self, state: SlotState) -> None:
-        self._state = state
+    # (The slots are read at a scrape: a subscriber would cost every task two SlotStates.)
 
     def task_ended(self, spec: TaskSpec, result: TaskResult) -> None:
         """From the task outcome path: one task, counted and timed."""
@@ -145,7 +132,7 @@ class Metrics(Part, Collector):
         )
         wait.add_metric((), self.queue_wait.buckets(), self.queue_wait.sum)
         yield wait
-        state = self._state
+        state = self._slots.state()
         yield GaugeMetricFamily("base_worker_slots_used", "Slots in use.", value=state.used)
         yield GaugeMetricFamily("base_worker_slots_limit", "Parallel slots.", value=state.limit)
         yield GaugeMetricFamily("base_worker_queue_length", "Tasks waiting.", value=state.queue)
