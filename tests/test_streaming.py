@@ -163,6 +163,32 @@ async def test_a_client_that_hangs_up_cancels_the_stream_and_frees_its_slot(
         assert resp.status == 200
 
 
+async def test_a_queued_stream_whose_client_hangs_up_leaves_the_queue(
+    worker_app: StartWorker,
+) -> None:
+    client, runtime = await worker_app(worker={"slots": 1})
+    testing = functions_of(runtime)
+    holder = task("stream_until_gone", mode="stream", input={"gate": "holder"})
+    held = await client.post("/task", json=holder, headers=AUTH)
+    assert await held.content.readline() == b"first\n"
+    queued = asyncio.ensure_future(
+        client.post("/task", json=task("hello", mode="stream"), headers=AUTH)
+    )
+    await wait_for(lambda: runtime.slots.state().queue == 1)
+    queued.cancel()  # the client goes while its stream waits for a slot
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    await wait_for(lambda: runtime.slots.state().queue == 0)
+    assert runtime.dispatcher.counts == {Outcome.CANCELLED: 1}
+    assert runtime.slots.state().used == 1  # the holder's slot only
+    held.close()
+    testing.gate("holder").set()
+    await wait_for(lambda: runtime.dispatcher.in_flight == 0)
+    assert runtime.slots.state().used == 0
+    async with client.post("/task", json=task("hello"), headers=AUTH) as resp:
+        assert resp.status == 200
+
+
 async def test_a_reader_that_stops_reading_makes_the_function_wait(
     worker_app: StartWorker,
 ) -> None:
