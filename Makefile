@@ -46,6 +46,7 @@ bench: $(BIN)/.installed-fast
 
 # Every scenario at tiny sizes, under a minute: keeps the harness from rotting; asserts no timing.
 bench-smoke: $(BIN)/.installed-fast
+	$(BIN)/python -m bench.queued --tasks 50 --lines 3
 	$(BIN)/python -m bench.run --smoke
 
 # The Debian package (packaging/README.md): built from a copy of this tree with Debian's python3,
