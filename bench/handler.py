@@ -39,24 +39,28 @@ class _Null(io.TextIOBase):
         pass
 
 
-def worker_app() -> Any:
+def build_worker(**flags: Any) -> Any:
+    """A worker's parts wired as the daemon wires them (`lifecycle.build`), serving the bench
+    functions with the bench key, its log lines rendered and written to nowhere; `flags`
+    (dotted config keys) are added to or override the defaults."""
     from worker import config, functions, lifecycle
     from worker.logs import LogBuffer, Logging
     from worker.notify import Notifier
 
-    cfg = config.load(
-        None,
-        environ={},
-        flags={
-            "auth.auth_key": KEY,
-            "worker.functions": ["worker.examples", str(ROOT / "bench" / "functions.py")],
-            "load_balancer.websocket_port": 0,
-            "worker.slots": 100,
-        },
-    )
+    defaults = {
+        "auth.auth_key": KEY,
+        "worker.functions": ["worker.examples", str(ROOT / "bench" / "functions.py")],
+        "load_balancer.websocket_port": 0,
+        "worker.slots": 100,
+    }
+    cfg = config.load(None, environ={}, flags={**defaults, **flags})
     logging = Logging(LogBuffer(cfg.logging.max_lines), _Null())
     logging.configure("info", "json", cfg.secrets(), {})
-    built = lifecycle.build(cfg, functions.load(cfg.worker.functions), logging, Notifier({}, 0), [])
+    return lifecycle.build(cfg, functions.load(cfg.worker.functions), logging, Notifier({}, 0), [])
+
+
+def worker_app() -> Any:
+    built = build_worker()
     built.slots.hold("starting", False)
     return built.app
 

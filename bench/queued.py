@@ -15,14 +15,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import io
 import linecache
 import tracemalloc
 from pathlib import Path
 from typing import Any
 
+if __package__:
+    from bench.handler import KEY, build_worker
+else:  # run as a file, another checkout's `worker` on PYTHONPATH: this folder is on the path
+    from handler import KEY, build_worker  # type: ignore[no-redef]
+
 ROOT = Path(__file__).resolve().parent.parent
-KEY = "bench-key"
+
 NOOP = b'{"function": "noop", "contract": 1}'
 HOLD = b'{"function": "sleeper", "input": {"seconds": 60}, "contract": 1}'
 SLOTS = 10
@@ -34,11 +38,6 @@ def post(body: bytes) -> bytes:
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
-
-
-class _Null(io.TextIOBase):
-    def write(self, s: str) -> int:
-        return len(s)
 
 
 async def until(slots: Any, predicate: Any, seconds: float = 30.0) -> None:
@@ -59,27 +58,15 @@ async def until(slots: Any, predicate: Any, seconds: float = 30.0) -> None:
 
 
 async def measure(count: int, lines: int) -> None:
-    from worker import config, functions, lifecycle, parts
-    from worker.logs import LogBuffer, Logging
-    from worker.notify import Notifier
+    from worker import parts
 
-    cfg = config.load(
-        None,
-        environ={},
-        flags={
-            "auth.auth_key": KEY,
-            "worker.functions": ["worker.examples", str(ROOT / "bench" / "functions.py")],
+    worker = build_worker(
+        **{
             "worker.slots": SLOTS,
             "worker.max_queue": count + 100,
             "http.host": "127.0.0.1",
             "http.port": 0,
-            "load_balancer.websocket_port": 0,
-        },
-    )
-    logging = Logging(LogBuffer(cfg.logging.max_lines), _Null())
-    logging.configure("info", "json", cfg.secrets(), {})
-    worker = lifecycle.build(
-        cfg, functions.load(cfg.worker.functions), logging, Notifier({}, 0), []
+        }
     )
     await parts.start_all(worker.parts)
     worker.slots.hold("starting", False)
