@@ -235,25 +235,30 @@ class Dispatcher:
         its place, or the slot, and ends with the summary line _run would have written."""
         job.admission.abandon()
         reason = job.reason if job.reason is not None else Reason.SHUTDOWN
-        queue_wait = time.monotonic() - job.accepted
         cancelled = RunResult(Outcome.CANCELLED, error=reason.value, reason=reason)
-        self.counts[Outcome.CANCELLED] += 1
-        self._log_summary(job.spec, cancelled, queue_wait, 0.0)
-        spec = job.spec
-        self._end(
-            job,
-            TaskResult(
-                spec.task_id, Outcome.CANCELLED, None, reason.value, queue_wait, 0.0, reason
-            ),
-        )
+        self._end(job, cancelled, time.monotonic() - job.accepted, 0.0)
 
-    def _end(self, job: Job, outcome: TaskResult) -> None:
+    def _end(self, job: Job, result: RunResult, queue_wait: float, run_time: float) -> TaskResult:
+        """Count the outcome, write the summary line, tell whoever waits; the job is done."""
+        spec = job.spec
+        self.counts[result.outcome] += 1
+        self._log_summary(spec, result, queue_wait, run_time)
+        outcome = TaskResult(
+            spec.task_id,
+            result.outcome,
+            result.value,
+            result.error,
+            queue_wait,
+            run_time,
+            result.reason,
+        )
         if self.on_outcome is not None:
-            self.on_outcome(job.spec, outcome)
+            self.on_outcome(spec, outcome)
         self._jobs.discard(job)
         if not self._jobs:
             self._all_done.set()
         job._ended(outcome)
+        return outcome
 
     async def wait_done(self) -> None:
         """Return once every accepted task has an outcome."""
@@ -296,22 +301,7 @@ class Dispatcher:
                 lease.release_when_done(result.overrun)
             else:
                 lease.release()
-        ended = time.monotonic()
-        queue_wait = started - job.accepted
-        run_time = ended - started
-        self.counts[result.outcome] += 1
-        self._log_summary(spec, result, queue_wait, run_time)
-        ended_as = TaskResult(
-            spec.task_id,
-            result.outcome,
-            result.value,
-            result.error,
-            queue_wait,
-            run_time,
-            result.reason,
-        )
-        self._end(job, ended_as)
-        return ended_as
+        return self._end(job, result, started - job.accepted, time.monotonic() - started)
 
     @staticmethod
     def _log_summary(spec: TaskSpec, result: RunResult, queue_wait: float, run_time: float) -> None:
