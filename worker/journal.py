@@ -512,8 +512,13 @@ class Journal(Part):
                     self._vacuum(conn)
                 except sqlite3.Error as exc:  # the rows are gone; only the space waits
                     _log.warning("task journal vacuum failed", reason=str(exc))
+        in_memory = self.path is None  # then this runs on the loop's own thread
         for (_, future), result in zip(batch, results, strict=True):
-            if future is not None:
+            if future is None:
+                continue
+            if in_memory:
+                self._settle(future, result)
+            else:
                 self._loop.call_soon_threadsafe(self._settle, future, result)
 
     def _failed(self, exc: sqlite3.Error) -> None:
