@@ -18,7 +18,6 @@ import contextvars
 import hashlib
 import hmac
 import ipaddress
-import json
 import logging
 import re
 import socket
@@ -43,7 +42,7 @@ from worker.config import Config, WebhookSection
 from worker.errors import BadRequest, Unavailable
 from worker.functions import Registry
 from worker.journal import Entry, Journal, JournalUnavailable
-from worker.jsoncodec import NotJSON, dumps_result
+from worker.jsoncodec import NotJSON, dumps_answer
 from worker.outcomes import Outcome, Reason
 from worker.parts import Part
 from worker.responses import json_response
@@ -100,7 +99,7 @@ def payload(spec: TaskSpec, result: TaskResult, limit: int) -> bytes:
     body: dict[str, Any] = {"task_id": spec.task_id, "function": spec.function.name}
     if result.outcome is Outcome.SUCCEEDED:
         try:
-            encoded = dumps_result({**body, "success": True, "result": result.value}).encode()
+            encoded = dumps_answer({**body, "success": True, "result": result.value})
         except NotJSON as exc:
             error = str(exc)
         else:
@@ -118,7 +117,7 @@ def payload(spec: TaskSpec, result: TaskResult, limit: int) -> bytes:
 def failure(task_id: str, function: str, error: str) -> bytes:
     """The body of a task whose result is not delivered, saying why."""
     body = {"task_id": task_id, "function": function}
-    return json.dumps({**body, "success": False, "error": error}).encode()
+    return dumps_answer({**body, "success": False, "error": error})
 
 
 def signature(secret: str, body: bytes) -> str:
