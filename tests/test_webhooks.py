@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from tests.conftest import AUTH, LB_KEY, Worker, task, wait_for
 from worker import __version__
+from worker.giveway import GiveWay
 
 StartWorker = Callable[..., Awaitable[Worker]]
 SECRET = "webhook-signing-secret"
@@ -202,6 +203,27 @@ async def test_a_receiver_that_never_answers_times_out_and_is_retried(
     finally:
         drained.cancel()
     assert hook.calls[1].at - hook.calls[0].at >= 0.3
+
+
+async def test_deliveries_held_back_by_a_burst_go_out_when_the_worker_drains(
+    worker_app: StartWorker, receiver: Start
+) -> None:
+    """A result's first attempt may wait for a burst of accepts to ease (worker/giveway.py);
+    held, it counts as pending, and the drain sends it at once instead of waiting."""
+    hook = await receiver([])
+    client, runtime = await worker_app(webhook=webhook_config())
+    # Looks once a minute: the first delivery goes at once, the next two wait for the look.
+    runtime.deliveries.give_way = GiveWay(pause=60.0, longest=60.0)
+    for _ in range(3):
+        body = task("hello", mode="webhook", webhook={"url": hook.url})
+        async with client.post("/task", json=body, headers=AUTH) as resp:
+            assert resp.status == 202
+    await wait_for(lambda: len(hook.calls) == 1 and runtime.dispatcher.in_flight == 0)
+    assert runtime.deliveries.give_way.waiting == 2
+    assert (await health(client))["webhooks"]["pending"] == 2
+    async with asyncio.timeout(5):
+        await runtime.wait_drained()
+    assert len(hook.calls) == 3 and runtime.deliveries.delivered == 3
 
 
 async def test_abandoned_deliveries_are_counted(worker_app: StartWorker, receiver: Start) -> None:

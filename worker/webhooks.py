@@ -41,6 +41,7 @@ from worker import __version__, logs
 from worker.config import Config, WebhookSection
 from worker.errors import BadRequest, Unavailable
 from worker.functions import Registry
+from worker.giveway import GiveWay
 from worker.journal import Entry, Journal, JournalUnavailable
 from worker.jsoncodec import NotJSON, dumps_answer
 from worker.outcomes import Outcome, Reason
@@ -62,6 +63,10 @@ MAX_RETRY_AFTER = 60.0  # seconds; a receiver's Retry-After longer than this is 
 # after 2 s, Node after 5 s): fewer reuses race a receiver's own close.
 KEEPALIVE_TIMEOUT = 1.5
 MAX_RESENDS = 2  # re-sends within one attempt when a reused connection turned out closed
+# A result's first attempt gives way while webhook tasks keep arriving and the CPU busy
+# (worker/giveway.py), looking again every GIVE_WAY_PAUSE, for GIVE_WAY_LONGEST at most.
+GIVE_WAY_PAUSE = 0.01
+GIVE_WAY_LONGEST = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +223,7 @@ class Deliveries(Part):
         journal: Journal,
         own_ports: Callable[[], Iterable[int]] = frozenset,
         on_outcome: Callable[[str], None] = lambda outcome: None,
+        give_way: GiveWay | None = None,
     ) -> None:
         # Read at the start of each delivery, so a reload applies to the next ones.
         self._settings = settings
@@ -225,6 +231,10 @@ class Deliveries(Part):
         self._own_ports = own_ports
         # Told "delivered", "retried" (another attempt follows) or "failed" (the metrics).
         self._on_outcome = on_outcome
+        # When a result's first attempt goes: at once, or once a burst of arrivals eases.
+        self.give_way = (
+            give_way if give_way is not None else GiveWay(GIVE_WAY_PAUSE, GIVE_WAY_LONGEST)
+        )
         self._policy: tuple[Any, TargetPolicy] | None = None
         self._pool: _Pool | None = None
         self._retired: list[_Pool] = []  # older policies' pools, closed once idle
@@ -236,6 +246,7 @@ class Deliveries(Part):
         self.delivered = 0
         self.failed = 0
         self.abandoned = 0  # results given up on because the worker stopped
+        self._held = 0  # first attempts giving way, not yet in _pending
 
     @property
     def pending(self) -> int:
@@ -243,12 +254,15 @@ class Deliveries(Part):
         return self._accepted
 
     def admit(self) -> None:
-        """Raise Unavailable (503) when `webhook.max_pending` webhook tasks are pending."""
+        """Raise Unavailable (503) when `webhook.max_pending` webhook tasks are pending. A task
+        let in makes first attempts give way to arrivals a little longer; a refused one does
+        not, so that the pending drain."""
         limit = self._settings.max_pending
         if self._accepted >= limit:
             raise Unavailable(
                 f"Too many webhook tasks pending delivery (webhook.max_pending is {limit})"
             )
+        self.give_way.arrived()
 
     def health(self) -> dict[str, Any]:
         return {
@@ -276,6 +290,7 @@ class Deliveries(Part):
     async def stop(self, deadline: float) -> None:
         """Deliver what is pending until `deadline`, give up on the rest (logged as
         undelivered), and close the sessions."""
+        self.give_way.release()  # no task arrives any more
         if self._pending:
             await asyncio.wait(self._pending, timeout=max(deadline - _now(), 0))
         self.abandon()
@@ -346,7 +361,9 @@ class Deliveries(Part):
         return len(self._pending)
 
     async def wait_idle(self) -> None:
-        """Return once no delivery is under way."""
+        """Return once no delivery is under way; what gives way to arrivals goes now (the
+        drain waits here, and nothing arrives while it does)."""
+        self.give_way.release()
         await self._idle.wait()
 
     def _start(self, job: Job) -> None:
@@ -360,7 +377,15 @@ class Deliveries(Part):
         except Exception as exc:  # a bug must not lose the task: deliver the failure instead
             body = failure(spec.task_id, spec.function.name, _internal(exc))
         self._journal.done(spec.task_id, body)
-        self._send(Delivery.of(spec), body, 0, 1 + self._settings.max_retries)
+        delivery, budget = Delivery.of(spec), 1 + self._settings.max_retries
+        # Held as a call, not a task: a burst's deliveries cost nothing until they go.
+        self._held += 1
+        self._idle.clear()
+        self.give_way.call(lambda: self._go(delivery, body, budget))
+
+    def _go(self, delivery: Delivery, body: bytes, budget: int) -> None:
+        self._held -= 1
+        self._send(delivery, body, 0, budget)
 
     def _send(self, delivery: Delivery, body: bytes, made: int, budget: int) -> None:
         task = asyncio.get_running_loop().create_task(self._deliver(delivery, body, made, budget))
@@ -371,7 +396,7 @@ class Deliveries(Part):
     def _forget(self, delivery: asyncio.Task[None]) -> None:
         self._pending.discard(delivery)
         self._accepted -= 1
-        if not self._pending:
+        if not self._pending and not self._held:
             self._idle.set()
 
     async def _deliver(self, delivery: Delivery, body: bytes, made: int, budget: int) -> None:

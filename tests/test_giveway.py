@@ -1,0 +1,84 @@
+"""Work that gives way: it goes at once on an idle process, waits while arrivals keep the
+process busy (for `longest` at most), and goes at the first check that finds no arrival."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from worker.giveway import GiveWay
+
+
+def burn(seconds: float) -> None:
+    """Use `seconds` of this process's CPU time."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+async def test_a_call_goes_at_once_while_the_process_is_idle() -> None:
+    give_way = GiveWay(pause=0.02, longest=30.0)
+    called: list[int] = []
+    give_way.call(lambda: called.append(1))
+    assert called == [1]
+    # Idle time, not synchronisation: the process uses no CPU while it sleeps.
+    await asyncio.sleep(0.1)
+    give_way.arrived()
+    give_way.call(lambda: called.append(2))
+    assert called == [1, 2]
+
+
+async def test_while_arrivals_keep_the_process_busy_a_call_waits_for_longest() -> None:
+    loop = asyncio.get_running_loop()
+    give_way = GiveWay(pause=0.05, longest=0.5, busy=0.05)
+    stop = asyncio.Event()
+
+    async def arrivals() -> None:
+        while not stop.is_set():
+            give_way.arrived()
+            burn(0.005)
+            await asyncio.sleep(0)
+
+    busy = asyncio.ensure_future(arrivals())
+    try:
+        give_way.call(lambda: None)  # the first look finds nothing to compare with
+        await asyncio.sleep(0.06)  # arrivals and CPU since that look
+        released = loop.create_future()
+        asked = loop.time()
+        give_way.call(lambda: released.set_result(loop.time()))
+        assert give_way.waiting == 1
+        async with asyncio.timeout(10):
+            went = await released
+        assert went - asked >= 0.5
+    finally:
+        stop.set()
+        await busy
+
+
+async def test_a_waiting_group_goes_at_the_first_check_with_no_arrival() -> None:
+    loop = asyncio.get_running_loop()
+    give_way = GiveWay(pause=0.5, longest=30.0)
+    give_way.call(lambda: None)
+    released = loop.create_future()
+    asked = loop.time()
+    give_way.call(lambda: released.set_result(loop.time()))  # within `pause`: it waits
+    assert give_way.waiting == 1 and not released.done()
+    async with asyncio.timeout(10):
+        went = await released
+    assert 0.5 <= went - asked < 30.0
+    assert give_way.waiting == 0
+
+
+async def test_release_calls_what_waits_now_and_a_later_call_waits_in_a_new_group() -> None:
+    give_way = GiveWay(pause=0.2, longest=0.2, busy=0.0)
+    called: list[str] = []
+    give_way.call(lambda: called.append("first"))
+    give_way.call(lambda: called.append("held"))
+    give_way.release()
+    assert called == ["first", "held"] and give_way.waiting == 0
+    went = asyncio.Event()
+    give_way.call(went.set)  # a new group, with its own check
+    assert give_way.waiting == 1
+    async with asyncio.timeout(10):
+        await went.wait()
+    assert give_way.waiting == 0
