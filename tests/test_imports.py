@@ -23,6 +23,7 @@ FLOORS: dict[str, int] = {
     "outcomes": 1,
     "params": 1,
     "targets": 1,
+    "giveway": 1,
     "config": 2,
     "functions": 2,
     "parts": 3,
