@@ -124,6 +124,34 @@ async def test_every_state_change(journal: Journal) -> None:
     assert journal.health()["journal"]["queued"] == 0
 
 
+@pytest.mark.parametrize("durable", [True, False], ids=["file", "memory"])
+async def test_a_task_that_runs_and_ends_in_one_batch_is_moved_once(
+    tmp_path: Path, durable: bool
+) -> None:
+    """Its `running` row would be committed with its `done` and never read: one statement
+    moves it from queued to done (a webhook no-op's usual path), with the same counts."""
+    journal = Journal(tmp_path / "tasks.sqlite3" if durable else None, retention=3600)
+    await journal.start()
+    try:
+        await journal.admit(entry("t"))
+        changed: int = await journal._call(lambda conn: conn.total_changes)
+        journal.running("t")
+        journal.done("t", b'{"success":true}')
+        after: int = await journal._call(lambda conn: conn.total_changes)
+        assert after - changed == 1
+        [done] = await journal.resumable()
+        assert (done.state, done.body) == ("done", b'{"success":true}')
+        assert await counted(journal) == await truth(journal) == {"done": 1}
+        await journal.admit(entry("u"))
+        journal.running("u")  # committed apart from its done, as a longer task's is
+        await journal.committed()
+        assert await counted(journal) == await truth(journal) == {"done": 1, "running": 1}
+        journal.done("u", b"{}")
+        assert await counted(journal) == await truth(journal) == {"done": 2}
+    finally:
+        await journal.stop(stop_deadline())
+
+
 async def test_a_finished_task_does_not_go_back_to_running(journal: Journal) -> None:
     await journal.admit(entry("t"))
     journal.done("t", b"{}")

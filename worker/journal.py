@@ -142,6 +142,7 @@ def _moves(target: State, assignments: str, sources: tuple[State, ...]) -> tuple
 
 _TO_RUNNING = _moves("running", "", ("queued",))
 _TO_DONE = _moves("done", ", body = ?", ("running", "queued"))
+_QUEUED_TO_DONE = _moves("done", ", body = ?", ("queued", "running"))
 _TO_DELIVERED = _moves("delivered", ", body = NULL, delivered_at = ?", ALL_STATES)
 _TO_DEAD = _moves("dead", ", last_error = ?, attempts = ?, failed_at = ?", ALL_STATES)
 _ATTEMPTED = "UPDATE tasks SET attempts = ?, last_error = ? WHERE task_id = ?"
@@ -166,6 +167,8 @@ class Journal(Part):
         self._counts: dict[str, int] = {}  # by state; replaced whole, read from the loop
         self._changes: dict[str, int] = {}  # the writer's: the open transaction's count changes
         self._pending: list[tuple[Op, asyncio.Future[Any] | None]] = []
+        # Tasks whose `running` change is in _pending: its place there, and the change.
+        self._running: dict[str, tuple[int, Op]] = {}
         self._batches: queue.Queue[list[tuple[Op, asyncio.Future[Any] | None]] | None]
         self._batches = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -273,10 +276,19 @@ class Journal(Part):
         return result
 
     def running(self, task_id: str) -> None:
-        self._move(_TO_RUNNING, task_id)
+        op = self._move(_TO_RUNNING, task_id)
+        if op is not None:
+            self._running[task_id] = (len(self._pending) - 1, op)
 
     def done(self, task_id: str, body: bytes) -> None:
-        self._move(_TO_DONE, task_id, body)
+        at, op = self._running.pop(task_id, (-1, None))
+        if op is not None and self._pending[at][0] is op:
+            # It ran and ended within one batch, which commits whole: its `running` row would
+            # never be read, so one statement moves it from queued (most webhook tasks).
+            self._pending[at] = (_nothing, None)
+            self._move(_QUEUED_TO_DONE, task_id, body)
+        else:
+            self._move(_TO_DONE, task_id, body)
 
     def attempted(self, task_id: str, attempts: int, error: str | None) -> None:
         self._submit(lambda conn: conn.execute(_ATTEMPTED, (attempts, error, task_id)), None)
@@ -306,7 +318,9 @@ class Journal(Part):
     def durable(self) -> bool:
         return self.path is not None
 
-    def _move(self, moves: tuple[_Move, ...], task_id: str, *values: Any) -> None:
+    def _move(self, moves: tuple[_Move, ...], task_id: str, *values: Any) -> Op | None:
+        """Submit the change; it, or None when the journal is not open."""
+
         def op(conn: sqlite3.Connection) -> None:
             for move in moves:
                 if conn.execute(move.sql, (*values, task_id)).rowcount:
@@ -314,7 +328,7 @@ class Journal(Part):
                     self._changed(move.target, 1)
                     return
 
-        self._submit(op, None)
+        return op if self._submit(op, None) else None
 
     async def redeliver(self, task_ids: list[str] | None) -> list[Entry]:
         """Dead letters (all when None) back to done, attempts kept; returns them."""
@@ -391,17 +405,19 @@ class Journal(Part):
         self._submit(op, future)
         return await future
 
-    def _submit(self, op: Op, future: asyncio.Future[Any] | None) -> None:
+    def _submit(self, op: Op, future: asyncio.Future[Any] | None) -> bool:
         if self._loop is None or not self._is_open:
             _log.error("task journal is not open; a state change is lost", path=str(self.path))
-            return
+            return False
         if not self._pending:
             self._loop.call_soon(self._flush)  # after everything else this turn submits
         self._pending.append((op, future))
+        return True
 
     def _flush(self) -> None:
         if self._pending:
             batch, self._pending = self._pending, []
+            self._running.clear()
             if self.path is None:
                 self._write(batch)
             else:
