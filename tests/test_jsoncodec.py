@@ -51,6 +51,27 @@ def test_answers_refuse_what_the_standard_library_refuses(value: object) -> None
         jsoncodec.dumps_answer(value)
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"result": None, "x": float("nan")},
+        {"result": None, "deep": [[{"x": (1, float("-inf"))}]]},
+        [None] * 1000 + [float("inf")],  # more than the codec looks through itself
+    ],
+    ids=["beside", "nested", "big"],
+)
+def test_a_non_finite_number_beside_a_null_is_refused(value: object) -> None:
+    """orjson writes NaN and Infinity as null, as it writes None."""
+    with pytest.raises(jsoncodec.NotJSON):
+        jsoncodec.dumps_answer(value)
+
+
+@pytest.mark.parametrize("value", [None, {"result": None}, [None] * 1000, {"a": [None, 1.5]}])
+def test_nulls_are_answered(value: object) -> None:
+    expected = json.dumps(value, separators=(",", ":"))
+    assert jsoncodec.dumps_answer(value).decode() == expected
+
+
 def test_answers_refuse_nesting_too_deep_for_the_standard_library() -> None:
     deep: list[object] = []
     for _ in range(100_000):

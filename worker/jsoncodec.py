@@ -46,6 +46,28 @@ def _dumps_compact(body: Any) -> bytes:
     return text.encode()
 
 
+LOOKED_THROUGH = 256  # values; a bigger answer holding a null goes to the standard library
+
+
+def _non_finite_in(value: Any) -> bool | None:
+    """Whether `value` holds a NaN or an infinite float; None when it holds more than
+    LOOKED_THROUGH values (cheaper for the standard library's encoder to judge)."""
+    stack, budget = [value], LOOKED_THROUGH
+    while stack:
+        budget -= 1
+        if budget < 0:
+            return None
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return False
+
+
 def _not_json_result(exc: Exception) -> NotJSON:
     """The one sentence every mode gives for a result JSON cannot hold."""
     if isinstance(exc, RecursionError):
@@ -87,7 +109,9 @@ if orjson is not None:
             raw: bytes = orjson.dumps(body, option=_ANSWER_OPTIONS)
         except TypeError:  # also orjson.JSONEncodeError: big integers, other types, depth
             return _dumps_compact(body)
-        if b"null" in raw:  # orjson writes NaN and Infinity as null: the standard library judges
+        # orjson writes NaN and Infinity as null: a null that may be one of them is judged by
+        # the standard library (a result of None, the usual webhook no-op, is looked at here).
+        if b"null" in raw and _non_finite_in(body) is not False:
             return _dumps_compact(body)
         return raw
 
