@@ -18,6 +18,10 @@ class Outcome(enum.Enum):
     TIMED_OUT = "timed_out"
     CANCELLED = "cancelled"
 
+    # Members are singletons, equal only to themselves: the identity hash is C's, where Enum's
+    # hashes the name in Python (a task's outcome is hashed three times: count, verdict, log).
+    __hash__ = object.__hash__
+
 
 class Reason(enum.Enum):
     """Why a task ended without a result of its own; the value is the text clients and logs get.
@@ -30,6 +34,8 @@ class Reason(enum.Enum):
     TIMEOUT = "the function ran over its timeout"
     SHUTDOWN = "Task cancelled: the worker is shutting down"
     KEPT = "kept in the task journal for the next start"
+
+    __hash__ = object.__hash__  # as Outcome's
 
 
 def reason_of(exc: BaseException) -> Reason:

@@ -145,6 +145,7 @@ class SlotManager(Part):
         self._subscribers: list[Subscriber] = []
         self._idle = asyncio.Event()
         self._idle.set()
+        self._idle_now = True  # what _idle says, read without a call on every change
 
     def state(self) -> SlotState:
         return SlotState(self._status, self._used, self._limit, self._queued)
@@ -251,10 +252,13 @@ class SlotManager(Part):
             admission._grant()
 
     def _changed(self) -> None:
-        if self._used == 0 and self._queued == 0:
-            self._idle.set()
-        else:
-            self._idle.clear()
+        idle = self._used == 0 and self._queued == 0
+        if idle is not self._idle_now:
+            self._idle_now = idle
+            if idle:
+                self._idle.set()
+            else:
+                self._idle.clear()
         if self._subscribers:
             state = self.state()
             for subscriber in list(self._subscribers):

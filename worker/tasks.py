@@ -192,8 +192,9 @@ class Dispatcher:
         """Queue a task (raises Unavailable when the worker cannot take it, unless it was
         `promised` before a restart); its job starts once it has a slot."""
         job = Job(self, spec, self.slots.admit(spec.priority, promised), stream, on_start)
+        if not self._jobs:
+            self._all_done.clear()  # the first in flight
         self._jobs.add(job)
-        self._all_done.clear()
         if job.admission.granted:
             self._start(job)
         else:
@@ -209,8 +210,9 @@ class Dispatcher:
         job = Job(self, spec, self.slots.admit(spec.priority))
         assert job.admission.granted, "run_here is for a task with a slot free"
         job.task = task = self._current_task()
+        if not self._jobs:
+            self._all_done.clear()  # the first in flight
         self._jobs.add(job)
-        self._all_done.clear()
         result = await self._run(job)
         if result.reason is not None and job.reason is not None:
             task.uncancel()  # the cancel was ours, and _run has answered it
@@ -305,10 +307,11 @@ class Dispatcher:
 
     @staticmethod
     def _log_summary(spec: TaskSpec, result: RunResult, queue_wait: float, run_time: float) -> None:
+        meaning = verdict(result.outcome, result.reason)
         fields: dict[str, Any] = {
             "task_id": spec.task_id,
             "function": spec.function.name,
-            "outcome": result.outcome.value,
+            "outcome": meaning.label,
             "priority": spec.priority,
             "mode": spec.mode,
             "queue_wait_ms": round(queue_wait * 1000, 2),
@@ -321,7 +324,7 @@ class Dispatcher:
         if result.failure is not None:
             # One field of the same event: journald and JSON readers keep it with its task.
             fields["traceback"] = "".join(traceback.format_exception(result.failure)).rstrip()
-        logs.emit(verdict(result.outcome, result.reason).level, "task", fields)
+        logs.emit(meaning.level, "task", fields)
         if (
             result.outcome is Outcome.SUCCEEDED
             and spec.function.log_result
