@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from worker.giveway import GiveWay
 
 
@@ -82,3 +84,18 @@ async def test_release_calls_what_waits_now_and_a_later_call_waits_in_a_new_grou
     async with asyncio.timeout(10):
         await went.wait()
     assert give_way.waiting == 0
+
+
+async def test_a_callback_that_raises_does_not_keep_the_others_waiting() -> None:
+    give_way = GiveWay(pause=60.0, longest=60.0)
+    called: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("a bug in one")
+
+    give_way.call(lambda: called.append("first"))
+    give_way.call(broken)
+    give_way.call(lambda: called.append("after"))
+    with pytest.raises(RuntimeError, match="a bug in one"):
+        give_way.release()
+    assert called == ["first", "after"] and give_way.waiting == 0

@@ -55,10 +55,17 @@ class GiveWay:
         group.append(callback)
 
     def release(self) -> None:
-        """Call what waits, now."""
+        """Call what waits, now; a callback that raises does not keep the others waiting (the
+        first error is raised once all were called)."""
         group, self._group = self._group, None
+        error: Exception | None = None
         for callback in group or ():
-            callback()
+            try:
+                callback()
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
     def _check(self, loop: asyncio.AbstractEventLoop, group: list[Callable[[], None]]) -> None:
         if group is not self._group:
