@@ -9,8 +9,7 @@ import contextvars
 import time
 import types
 from collections.abc import Coroutine, Generator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from worker.config import Config
 from worker.context import TaskContext
@@ -19,9 +18,11 @@ from worker.outcomes import Outcome, Reason
 from worker.parts import Part
 
 
-@dataclass(frozen=True, slots=True)
-class RunResult:
-    """How a call ended. `overrun` is the thread still running after a timeout, if any."""
+class RunResult(NamedTuple):
+    """How a call ended. `overrun` is the thread still running after a timeout, if any.
+
+    A NamedTuple, like TaskSpec and TaskResult: made for every task, immutable, and built in
+    a third of a frozen dataclass's time (which sets each field through object.__setattr__)."""
 
     outcome: Outcome
     value: Any = None

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -40,8 +40,7 @@ class WebhookTarget:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class TaskSpec:
+class TaskSpec(NamedTuple):
     """A validated task, ready to queue."""
 
     task_id: str
@@ -52,8 +51,7 @@ class TaskSpec:
     webhook: WebhookTarget | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class TaskResult:
+class TaskResult(NamedTuple):
     """What became of an accepted task."""
 
     task_id: str
