@@ -140,6 +140,8 @@ URLS = [
     "http://exämple.com/",
     "http://example.com/\n",
     " http://example.com/",
+    "http://example.com/" + "a" * 3000,  # longer than the verdicts kept
+    "http://exa mple.com/" + "a" * 3000,
 ]
 HEADERS = [
     {},
