@@ -24,6 +24,7 @@ FLOORS: dict[str, int] = {
     "params": 1,
     "targets": 1,
     "giveway": 1,
+    "outbox": 1,
     "config": 2,
     "functions": 2,
     "parts": 3,

@@ -26,6 +26,7 @@ from aiohttp.web_request import BaseRequest
 from yarl import URL
 
 from worker.config import Config
+from worker.outbox import Outbox
 from worker.parts import Part
 
 _log = structlog.get_logger("worker.server")
@@ -76,10 +77,14 @@ def connection_bound(configured: int) -> int:
 
 class Edge:
     """The listener's protocol factory: each connection goes to aiohttp through a `_Connection`
-    that times its first request head and counts it against the bound."""
+    that times its first request head and counts it against the bound; what aiohttp writes goes
+    through the outbox."""
 
-    def __init__(self, server: web.Server, header_timeout: float, bound: int) -> None:
+    def __init__(
+        self, server: web.Server, header_timeout: float, bound: int, outbox: Outbox
+    ) -> None:
         self._server = server
+        self.outbox = outbox
         self.header_timeout = header_timeout
         self.bound = bound
         self._open: dict[_Connection, None] = {}
@@ -189,7 +194,7 @@ class _Connection(asyncio.Protocol):
         if self._handler is None:
             transport.close()
             return
-        self._handler.connection_made(transport)
+        self._handler.connection_made(self._edge.outbox.wrap(self._transport))
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self._edge.header_timeout, self._head_overdue)
 
@@ -338,7 +343,7 @@ class HttpServer(Part):
         )
         await runner.setup()
         assert runner.server is not None  # set by setup()
-        edge = Edge(runner.server, http.header_timeout, bound)
+        edge = Edge(runner.server, http.header_timeout, bound, Outbox(asyncio.get_running_loop()))
         if self._inherited:
             sites = [_EdgeSite(runner, edge, sock=sock) for sock in self._inherited]
         else:

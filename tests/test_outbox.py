@@ -1,0 +1,169 @@
+"""The outbox, over real loopback connections: small writes wait for the end of the loop's turn
+and leave in order, one write per connection; a big write, a close or the loop's own use of the
+transport sends what waits first; a client that has gone costs nothing and holds no one up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from worker.outbox import KEEP_AT_MOST, KeptTransport, Outbox
+
+pytestmark = pytest.mark.timeout(30)
+
+DEADLINE = 10.0  # seconds a test waits for bytes to arrive
+
+
+class Writes(asyncio.Protocol):
+    """The server side: the transport it was given, and how many writes reached it."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.lost = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+
+
+class Counted:
+    """A real transport that counts the writes it is given (the outbox's only way out)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.writes: list[bytes] = []
+        original = transport.write
+
+        def write(data: bytes | bytearray | memoryview) -> None:
+            self.writes.append(bytes(data))
+            original(data)
+
+        transport.write = write  # type: ignore[method-assign]
+
+
+@contextlib.asynccontextmanager
+async def connected(outbox: Outbox) -> AsyncIterator[tuple[KeptTransport, Counted, socket.socket]]:
+    """A loopback connection: the server's transport wrapped by `outbox`, and the client socket."""
+    loop = asyncio.get_running_loop()
+    server_side, client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.setblocking(False)
+    transport, _ = await loop.connect_accepted_socket(Writes, server_side)
+    counted = Counted(transport)
+    try:
+        yield outbox.wrap(transport), counted, client
+    finally:
+        transport.close()
+        client.close()
+
+
+def nothing_to_read(client: socket.socket) -> bool:
+    try:
+        client.recv(1)
+    except BlockingIOError:
+        return True
+    return False
+
+
+async def read_exactly(client: socket.socket, size: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    got = b""
+    deadline = time.monotonic() + DEADLINE
+    while len(got) < size and time.monotonic() < deadline:
+        chunk = await asyncio.wait_for(loop.sock_recv(client, size - len(got)), DEADLINE)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+async def test_small_writes_leave_at_the_end_of_the_turn_one_write_per_connection() -> None:
+    outbox = Outbox(asyncio.get_running_loop())
+    async with (
+        connected(outbox) as (first, first_out, first_client),
+        connected(outbox) as (second, second_out, second_client),
+    ):
+        first.write(b"HTTP/1.1 200 OK\r\n")
+        second.write(b"one ")
+        first.writelines([b"Content-Length: 2\r\n", b"\r\n"])
+        second.write(bytearray(b"two"))
+        first.write(memoryview(b"ok"))
+        # Still in the turn that wrote them: nothing has reached a socket.
+        assert first_out.writes == [] and second_out.writes == []
+        assert nothing_to_read(first_client) and nothing_to_read(second_client)
+
+        expected = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        assert await read_exactly(first_client, len(expected)) == expected
+        assert await read_exactly(second_client, 7) == b"one two"
+        assert first_out.writes == [expected]
+        assert second_out.writes == [b"one two"]
+
+
+async def test_a_mutable_buffer_is_sent_as_it_was_when_written() -> None:
+    outbox = Outbox(asyncio.get_running_loop())
+    async with connected(outbox) as (kept, _, client):
+        buffer = bytearray(b"frame")
+        kept.write(buffer)
+        buffer[:] = b"XXXXX"  # its writer reuses it within the turn
+        assert await read_exactly(client, 5) == b"frame"
+
+
+async def test_a_big_write_sends_what_waits_first_then_itself_at_once() -> None:
+    outbox = Outbox(asyncio.get_running_loop())
+    async with connected(outbox) as (kept, out, client):
+        big = b"x" * (KEEP_AT_MOST + 1)
+        kept.write(b"head ")
+        kept.write(big)
+        # Both reached the transport in this turn, in the order written.
+        assert out.writes == [b"head ", big]
+        assert await read_exactly(client, 5 + len(big)) == b"head " + big
+
+        kept.write(b"a" * (KEEP_AT_MOST - 10))
+        kept.write(b"b" * 20)  # past the bound together: what waits goes, then this
+        assert out.writes[2:] == [b"a" * (KEEP_AT_MOST - 10), b"b" * 20]
+        assert await read_exactly(client, KEEP_AT_MOST + 10) == out.writes[2] + out.writes[3]
+
+
+async def test_close_sends_what_waits_before_closing() -> None:
+    outbox = Outbox(asyncio.get_running_loop())
+    async with connected(outbox) as (kept, out, client):
+        kept.write(b"last words")
+        kept.close()
+        assert out.writes == [b"last words"]
+        assert await read_exactly(client, 10) == b"last words"
+        assert await read_exactly(client, 1) == b""  # then the end of the connection
+
+
+async def test_the_loops_sendfile_sends_what_waits_first(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    outbox = Outbox(loop)
+    body = tmp_path / "asset.js"
+    body.write_bytes(b"console.log(1);\n" * 100)
+    async with connected(outbox) as (kept, _, client):
+        kept.write(b"headers\r\n\r\n")  # a FileResponse's head, then its file
+        with body.open("rb") as file:
+            await loop.sendfile(kept, file)
+        expected = b"headers\r\n\r\n" + body.read_bytes()
+        assert await read_exactly(client, len(expected)) == expected
+
+
+async def test_a_client_gone_before_the_turn_ends_costs_nothing_and_holds_no_one_up() -> None:
+    outbox = Outbox(asyncio.get_running_loop())
+    async with (
+        connected(outbox) as (gone, gone_out, _),
+        connected(outbox) as (staying, staying_out, staying_client),
+    ):
+        gone.write(b"never read")
+        staying.write(b"answer")
+        gone_out.transport.abort()  # the connection is lost before the outbox sends
+        assert await read_exactly(staying_client, 6) == b"answer"
+        assert gone_out.writes == []
+        assert staying_out.writes == [b"answer"]

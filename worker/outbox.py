@@ -1,0 +1,133 @@
+"""Answers written together: a connection's small writes wait until the event loop has run what
+is ready, then every connection's go out back to back, one `write` each.
+
+Written the moment each answer was ready, the sends came one per task with a task's work between
+them, and on loopback each one woke the client again: about a third of the worker's CPU per
+request at 64 connections went to the kernel's send path (docs/performance.md, sixth pass). The
+wait is the rest of the loop's turn, and the bytes kept are bounded per connection: a bigger
+write sends what waits, then itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+KEEP_AT_MOST = 16 * 1024  # bytes one connection keeps for the end of the turn
+
+
+class Outbox:
+    """The connections with bytes kept, and the one callback a turn that sends them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiting: list[KeptTransport] = []
+
+    def wrap(self, transport: asyncio.Transport) -> KeptTransport:
+        """The transport to hand the protocol: its small writes are kept for the end of the turn."""
+        return KeptTransport(self, transport)
+
+    def keep(self, kept: KeptTransport) -> None:
+        if not self._waiting:
+            self._loop.call_soon(self.send_all)
+        self._waiting.append(kept)
+
+    def send_all(self) -> None:
+        """Send every connection's kept bytes now."""
+        waiting, self._waiting = self._waiting, []
+        for kept in waiting:
+            kept.send()
+
+
+class KeptTransport(asyncio.Transport):
+    """A connection's transport as its protocol sees it: writes of at most KEEP_AT_MOST bytes in
+    all are kept until the outbox sends them; everything else sends what is kept first, so the
+    bytes leave in the order they were written."""
+
+    __slots__ = ("__weakref__", "_kept", "_outbox", "_size", "_transport")
+
+    def __init__(self, outbox: Outbox, transport: asyncio.Transport) -> None:
+        super().__init__()
+        self._outbox = outbox
+        self._transport = transport
+        self._kept: list[bytes] | None = None
+        self._size = 0  # bytes kept
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        size = len(data)
+        if self._size + size > KEEP_AT_MOST:
+            self.send()
+            self._transport.write(data)
+            return
+        if self._kept is None:
+            self._kept = []
+            self._outbox.keep(self)
+        # A copy of a mutable buffer: its writer may reuse it before the turn ends.
+        self._kept.append(data if type(data) is bytes else bytes(data))
+        self._size += size
+
+    def writelines(self, list_of_data: Any) -> None:
+        chunks = list(list_of_data)
+        if self._size + sum(map(len, chunks)) > KEEP_AT_MOST:
+            self.send()
+            self._transport.writelines(chunks)  # a stream's chunk: not joined into a copy
+        else:
+            self.write(b"".join(chunks))
+
+    def send(self) -> None:
+        """Write what is kept to the connection (nothing when the client has gone)."""
+        kept, self._kept, self._size = self._kept, None, 0
+        if not kept or self._transport.is_closing():
+            return
+        self._transport.write(kept[0] if len(kept) == 1 else b"".join(kept))
+
+    def close(self) -> None:
+        self.send()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.send()
+        self._transport.write_eof()
+
+    def abort(self) -> None:
+        self._kept, self._size = None, 0
+        self._transport.abort()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + self._size
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def __getattr__(self, name: str) -> Any:
+        # The loop's own use of its transport (sendfile reaches its socket and buffers): what
+        # is kept goes first.
+        self.send()
+        return getattr(self._transport, name)
