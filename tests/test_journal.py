@@ -133,7 +133,8 @@ async def test_a_task_that_runs_and_ends_in_one_batch_is_moved_once(
     journal = Journal(tmp_path / "tasks.sqlite3" if durable else None, retention=3600)
     await journal.start()
     try:
-        await journal.admit(entry("t"))
+        # With idempotency keys: in memory too, these tasks are rows.
+        await journal.admit(entry("t", key="kt"))
         changed: int = await journal._call(lambda conn: conn.total_changes)
         journal.running("t")
         journal.done("t", b'{"success":true}')
@@ -142,7 +143,7 @@ async def test_a_task_that_runs_and_ends_in_one_batch_is_moved_once(
         [done] = await journal.resumable()
         assert (done.state, done.body) == ("done", b'{"success":true}')
         assert await counted(journal) == await truth(journal) == {"done": 1}
-        await journal.admit(entry("u"))
+        await journal.admit(entry("u", key="ku"))
         journal.running("u")  # committed apart from its done, as a longer task's is
         await journal.committed()
         assert await counted(journal) == await truth(journal) == {"done": 1, "running": 1}
@@ -150,6 +151,96 @@ async def test_a_task_that_runs_and_ends_in_one_batch_is_moved_once(
         assert await counted(journal) == await truth(journal) == {"done": 2}
     finally:
         await journal.stop(stop_deadline())
+
+
+@pytest.fixture
+async def in_memory() -> AsyncIterator[Journal]:
+    opened = Journal(None, retention=3600)
+    await opened.start()
+    yield opened
+    await opened.stop(stop_deadline())
+
+
+async def statements(journal: Journal) -> int:
+    """Rows changed in the memory database so far, once what is submitted is written."""
+    changed: int = await journal._call(lambda conn: conn.total_changes)
+    return changed
+
+
+async def test_in_memory_a_task_without_a_key_writes_nothing_until_it_is_dead(
+    in_memory: Journal,
+) -> None:
+    journal = in_memory
+    for n in range(3):
+        assert await journal.admit(entry(f"t{n}")) is None
+    journal.running("t0")
+    journal.done("t0", b"{}")
+    journal.attempted("t0", 1, "HTTP 503")
+    journal.running("t1")
+    assert await counted(journal) == {"queued": 1, "running": 1, "done": 1}
+    journal.delivered("t0")
+    journal.forget("t2")  # refused after all: its queue was full
+    assert await counted(journal) == {"running": 1}
+    assert await statements(journal) == 0
+    assert await journal.dead_letters() == []
+    journal.done("t1", b'{"success":false}')
+    journal.dead("t1", "HTTP 503", 4)
+    assert await counted(journal) == await truth(journal) == {"dead": 1}
+    [dead] = await journal.dead_letters()
+    assert (dead.task_id, dead.state, dead.body, dead.attempts, dead.last_error) == (
+        "t1",
+        "dead",
+        b'{"success":false}',
+        4,
+        "HTTP 503",
+    )
+    assert (dead.params, dead.headers, dead.url) == (
+        {"name": "x"},
+        {"Authorization": "secret"},
+        "http://127.0.0.1:9/hook",
+    )
+    assert await statements(journal) == 1  # the dead letter's row, and nothing before it
+
+
+async def test_in_memory_dead_letters_keep_admission_order_and_can_be_redelivered(
+    in_memory: Journal,
+) -> None:
+    journal = in_memory
+    await journal.admit(entry("a"))
+    await journal.admit(entry("b", key="kb"))  # a row from the start
+    await journal.admit(entry("c"))
+    await journal.admit(entry("d", priority=0))
+    for task_id in ("c", "b", "d", "a"):  # they die in another order
+        journal.done(task_id, task_id.encode())
+        journal.dead(task_id, "refused", 2)
+    assert [e.task_id for e in await journal.dead_letters()] == ["d", "a", "b", "c"]
+    again = await journal.redeliver(["a", "c"])
+    assert [(e.task_id, e.state, e.body) for e in again] == [
+        ("a", "done", b"a"),
+        ("c", "done", b"c"),
+    ]
+    journal.delivered("a")
+    journal.dead("c", "refused again", 4)
+    assert await counted(journal) == await truth(journal) == {"dead": 3}
+    assert [e.task_id for e in await journal.dead_letters()] == ["d", "b", "c"]
+
+
+async def test_in_memory_an_id_held_is_refused_and_free_again_once_delivered(
+    in_memory: Journal,
+) -> None:
+    journal = in_memory
+    await journal.admit(entry("t"))
+    with pytest.raises(JournalUnavailable):
+        await journal.admit(entry("t"))
+    with pytest.raises(JournalUnavailable):
+        await journal.admit(entry("t", key="k"))  # a row may not take a held task's id either
+    assert await counted(journal) == {"queued": 1}
+    journal.done("t", b"{}")
+    journal.delivered("t")
+    assert await journal.admit(entry("t")) is None  # nothing keeps a delivered task in memory
+    await journal.stop(stop_deadline())
+    with pytest.raises(JournalUnavailable):
+        await journal.admit(entry("u"))
 
 
 async def test_a_finished_task_does_not_go_back_to_running(journal: Journal) -> None:
@@ -213,9 +304,11 @@ async def counted(journal: Journal) -> dict[str, int]:
 
 
 async def truth(journal: Journal) -> dict[str, int]:
-    """The same counts, counted in the rows themselves."""
+    """The same counts, counted in the rows themselves and, in memory, the tasks held."""
     sql = "SELECT state, count(*) FROM tasks WHERE state != 'delivered' GROUP BY state"
     found: dict[str, int] = await journal._call(lambda conn: dict(conn.execute(sql).fetchall()))
+    for held in journal._held.values():
+        found[held.state] = found.get(held.state, 0) + 1
     return found
 
 

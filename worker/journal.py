@@ -11,6 +11,10 @@ When a group cannot be committed (disk full, read-only, I/O error), its admits r
 JournalUnavailable, the cause is logged once per outage, and its state changes are kept and tried
 again before anything newer. A file that is not a database or fails `quick_check` at start is
 moved aside and a fresh one begun; a path that cannot be opened at all fails `start()`.
+
+Without a `state_dir` the journal lives in memory and its statements run on the event loop; a
+task without an idempotency key is then held as a record and written only if it becomes a dead
+letter, the one state read back (nothing else would ever read its row).
 """
 
 from __future__ import annotations
@@ -126,6 +130,21 @@ def _nothing(conn: sqlite3.Connection) -> None:
     return None
 
 
+class _Held:
+    """A task the in-memory journal keeps out of SQLite: its entry, its admission order and
+    what a dead letter's row needs."""
+
+    __slots__ = ("attempts", "body", "entry", "last_error", "seq", "state")
+
+    def __init__(self, entry: Entry, seq: int) -> None:
+        self.entry = entry
+        self.seq = seq
+        self.state: State = "queued"
+        self.body: bytes | None = None
+        self.attempts = 0
+        self.last_error: str | None = None
+
+
 def _moves(target: State, assignments: str, sources: tuple[State, ...]) -> tuple[_Move, ...]:
     """The statements that move a task to `target` from each state it may leave, the
     likeliest first: the first that changes a row is the last tried."""
@@ -146,6 +165,11 @@ _QUEUED_TO_DONE = _moves("done", ", body = ?", ("queued", "running"))
 _TO_DELIVERED = _moves("delivered", ", body = NULL, delivered_at = ?", ALL_STATES)
 _TO_DEAD = _moves("dead", ", last_error = ?, attempts = ?, failed_at = ?", ALL_STATES)
 _ATTEMPTED = "UPDATE tasks SET attempts = ?, last_error = ? WHERE task_id = ?"
+_INSERT_DEAD = (
+    "INSERT INTO tasks (seq, task_id, function, params, priority, url, headers, body,"
+    " attempts, last_error, accepted_at, failed_at, state)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'dead')"
+)
 
 
 def _ids_clause(task_ids: list[str] | None) -> tuple[str, list[str]]:
@@ -177,6 +201,10 @@ class Journal(Part):
         self._vacuum_due = False  # writer thread only: rows deleted since the last vacuum
         self._unwritten: list[Op] = []  # writer thread only: state changes a failure held back
         self._cleanup: asyncio.TimerHandle | None = None  # in memory: the retention timer
+        # In memory: tasks held as records until they are dead letters, and the last `seq`
+        # given (a held task's row is written out of admission order, with its own).
+        self._held: dict[str, _Held] = {}
+        self._seq = 0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -206,6 +234,7 @@ class Journal(Part):
             self._flush()
             if self._cleanup is not None:
                 self._cleanup.cancel()
+            self._held.clear()
             self._conn.close()
             self._conn = None
             return
@@ -243,7 +272,19 @@ class Journal(Part):
 
     async def admit(self, entry: Entry) -> Entry | None:
         """Journal a new queued task and return once committed; when its idempotency key is
-        already known, write nothing and return the existing entry."""
+        already known, write nothing and return the existing entry. In memory, a task without
+        a key is held, and admitted at once."""
+        seq: int | None = None  # on file, SQLite's AUTOINCREMENT gives it
+        if self.path is None:
+            if not self._is_open:
+                raise JournalUnavailable("the task journal is not open")
+            if entry.task_id in self._held:
+                raise JournalUnavailable("task journal refused the task: its id is in use")
+            self._seq = seq = self._seq + 1
+            if entry.idempotency_key is None:
+                self._held[entry.task_id] = _Held(entry, seq)
+                self._count_held("queued", 1)
+                return None
         params = dumps_answer(entry.params).decode()
         headers = dumps_answer(entry.headers).decode()
 
@@ -256,9 +297,11 @@ class Journal(Part):
                 if row is not None:
                     return _entry(row)
             conn.execute(
-                "INSERT INTO tasks (task_id, function, params, priority, url, headers,"
-                " idempotency_key, state, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+                "INSERT INTO tasks (seq, task_id, function, params, priority, url, headers,"
+                " idempotency_key, state, accepted_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
                 (
+                    seq,
                     entry.task_id,
                     entry.function,
                     params,
@@ -276,11 +319,22 @@ class Journal(Part):
         return result
 
     def running(self, task_id: str) -> None:
+        held = self._held.get(task_id)
+        if held is not None:
+            if held.state == "queued":
+                self._move_held(held, "running")
+            return
         op = self._move(_TO_RUNNING, task_id)
         if op is not None:
             self._running[task_id] = (len(self._pending) - 1, op)
 
     def done(self, task_id: str, body: bytes) -> None:
+        held = self._held.get(task_id)
+        if held is not None:
+            if held.state in ("queued", "running"):
+                self._move_held(held, "done")
+                held.body = body
+            return
         at, op = self._running.pop(task_id, (-1, None))
         if op is not None and self._pending[at][0] is op:
             # It ran and ended within one batch, which commits whole: its `running` row would
@@ -291,6 +345,10 @@ class Journal(Part):
             self._move(_TO_DONE, task_id, body)
 
     def attempted(self, task_id: str, attempts: int, error: str | None) -> None:
+        held = self._held.get(task_id)
+        if held is not None:
+            held.attempts, held.last_error = attempts, error
+            return
         self._submit(lambda conn: conn.execute(_ATTEMPTED, (attempts, error, task_id)), None)
 
     async def committed(self) -> None:
@@ -299,13 +357,31 @@ class Journal(Part):
         await self._call(_nothing)
 
     def delivered(self, task_id: str) -> None:
-        self._move(_TO_DELIVERED, task_id, time.time())
+        if self._let_go(task_id) is None:
+            self._move(_TO_DELIVERED, task_id, time.time())
 
     def dead(self, task_id: str, error: str, attempts: int) -> None:
-        self._move(_TO_DEAD, task_id, error, attempts, time.time())
+        held = self._let_go(task_id)
+        if held is None:
+            self._move(_TO_DEAD, task_id, error, attempts, time.time())
+            return
+        entry = held.entry
+        row = (
+            *(held.seq, entry.task_id, entry.function, dumps_answer(entry.params).decode()),
+            *(entry.priority, entry.url, dumps_answer(entry.headers).decode(), held.body),
+            *(attempts, error, entry.accepted_at, time.time()),
+        )
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(_INSERT_DEAD, row)
+            self._changed("dead", 1)
+
+        self._submit(op, None)
 
     def forget(self, task_id: str) -> None:
         """Remove a task admitted here but refused after all (its queue was full)."""
+        if self._let_go(task_id) is not None:
+            return
 
         def op(conn: sqlite3.Connection) -> None:
             sql = "DELETE FROM tasks WHERE task_id = ? RETURNING state"
@@ -317,6 +393,22 @@ class Journal(Part):
     @property
     def durable(self) -> bool:
         return self.path is not None
+
+    def _count_held(self, state: State, by: int) -> None:
+        # In memory the counts are only ever touched on the loop: changed in place.
+        self._counts[state] = self._counts.get(state, 0) + by
+
+    def _move_held(self, held: _Held, target: State) -> None:
+        self._count_held(held.state, -1)
+        self._count_held(target, 1)
+        held.state = target
+
+    def _let_go(self, task_id: str) -> _Held | None:
+        """A held task leaves the memory (delivered, dead or forgotten); None if not held."""
+        held = self._held.pop(task_id, None)
+        if held is not None:
+            self._count_held(held.state, -1)
+        return held
 
     def _move(self, moves: tuple[_Move, ...], task_id: str, *values: Any) -> Op | None:
         """Submit the change; it, or None when the journal is not open."""
