@@ -167,3 +167,21 @@ async def test_a_client_gone_before_the_turn_ends_costs_nothing_and_holds_no_one
         assert await read_exactly(staying_client, 6) == b"answer"
         assert gone_out.writes == []
         assert staying_out.writes == [b"answer"]
+
+
+async def test_a_connection_whose_write_fails_holds_no_other_answer_back() -> None:
+    outbox = Outbox(asyncio.get_running_loop())
+    async with (
+        connected(outbox) as (failing, failing_out, _),
+        connected(outbox) as (staying, _, staying_client),
+    ):
+
+        def refuse(data: bytes | bytearray | memoryview) -> None:
+            raise RuntimeError("the transport refused")
+
+        failing_out.transport.write = refuse  # type: ignore[method-assign]
+        failing.write(b"lost")
+        staying.write(b"answer")
+        with pytest.raises(RuntimeError, match="refused"):
+            outbox.send_all()  # as the loop calls it at the end of the turn
+        assert await read_exactly(staying_client, 6) == b"answer"

@@ -33,10 +33,17 @@ class Outbox:
         self._waiting.append(kept)
 
     def send_all(self) -> None:
-        """Send every connection's kept bytes now."""
+        """Send every connection's kept bytes now; one that fails does not keep the others'
+        answers back (the first error is raised once all were tried)."""
         waiting, self._waiting = self._waiting, []
+        error: Exception | None = None
         for kept in waiting:
-            kept.send()
+            try:
+                kept.send()
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
 
 class KeptTransport(asyncio.Transport):
