@@ -28,8 +28,8 @@ class NotJSON(ValueError):
 
 
 def dumps_result(body: Any) -> str:
-    """An answer holding a function's result, as JSON text, in every mode; NotJSON when the
-    result has values JSON cannot hold (NaN, Infinity, other types) or is nested too deeply."""
+    """A stream chunk holding a function's result, as the standard library's JSON text; NotJSON
+    when it has values JSON cannot hold (NaN, Infinity, other types) or is nested too deeply."""
     try:
         return json.dumps(body, allow_nan=False)
     except Exception as exc:  # also a type JSON cannot hold, or an object that fails when read

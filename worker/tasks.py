@@ -190,9 +190,7 @@ class Dispatcher:
         """Queue a task (raises Unavailable when the worker cannot take it, unless it was
         `promised` before a restart); its job starts once it has a slot."""
         job = Job(self, spec, self.slots.admit(spec.priority, promised), stream, on_start)
-        if not self._jobs:
-            self._all_done.clear()  # the first in flight
-        self._jobs.add(job)
+        self._track(job)
         if job.admission.granted:
             self._start(job)
         else:
@@ -208,13 +206,16 @@ class Dispatcher:
         job = Job(self, spec, self.slots.admit(spec.priority))
         assert job.admission.granted, "run_here is for a task with a slot free"
         job.task = task = self._current_task()
-        if not self._jobs:
-            self._all_done.clear()  # the first in flight
-        self._jobs.add(job)
+        self._track(job)
         result = await self._run(job)
         if result.reason is not None and job.reason is not None:
             task.uncancel()  # the cancel was ours, and _run has answered it
         return result
+
+    def _track(self, job: Job) -> None:
+        if not self._jobs:
+            self._all_done.clear()  # the first in flight
+        self._jobs.add(job)
 
     def _current_task(self) -> asyncio.Task[Any]:
         # With its loop given, current_task() skips get_running_loop(), which on Python 3.11
