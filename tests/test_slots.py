@@ -103,3 +103,24 @@ async def test_subscribers_see_every_change() -> None:
     unsubscribe()
     slots.hold("maintenance", False)
     assert [(s.used, s.status) for s in seen] == [(1, "ready"), (0, "ready"), (0, "maintenance")]
+
+
+def test_accepting_follows_the_status_and_the_drain_grace() -> None:
+    slots = SlotManager(limit=2, max_queue=10)
+    seen = [slots.accepting]
+    slots.hold("draining")
+    seen.append(slots.accepting)
+    slots.set_grace(True)  # draining, yet still taking tasks
+    seen.append(slots.accepting)
+    slots.admit(1)
+    slots.set_grace(False)
+    seen.append(slots.accepting)
+    with pytest.raises(Unavailable):
+        slots.admit(1)
+    slots.hold("draining", False)
+    slots.hold("maintenance")
+    slots.set_grace(True)  # the grace is the drain's only
+    seen.append(slots.accepting)
+    slots.hold("maintenance", False)
+    seen.append(slots.accepting)
+    assert seen == [True, False, True, False, False, True]
