@@ -426,3 +426,25 @@ async def test_queued_jobs_take_the_slot_by_priority(dispatcher: Dispatcher) -> 
     holder.open.set()
     await asyncio.gather(*(job.result() for job in jobs))
     assert order == ["p1", "p2", "p3"]
+
+
+async def test_wait_done_returns_only_when_the_last_job_has_ended_whoever_else_gave_up(
+    dispatcher: Dispatcher,
+) -> None:
+    await dispatcher.wait_done()  # nothing in flight: at once
+    first, second = Gate(), Gate()
+    dispatcher.submit(gated(first, "first"))
+    dispatcher.submit(gated(second, "second"))  # queued behind the first
+    await first.started.wait()
+    impatient = asyncio.create_task(dispatcher.wait_done())
+    patient = asyncio.create_task(dispatcher.wait_done())
+    await suspended(impatient)
+    await suspended(patient)
+    impatient.cancel()  # a drain given up must not end the others' wait
+    first.open.set()
+    await second.started.wait()
+    assert not patient.done()  # one job ended, one still runs
+    second.open.set()
+    await asyncio.wait_for(patient, 5)
+    assert impatient.cancelled()
+    assert dispatcher.in_flight == 0

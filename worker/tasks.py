@@ -172,8 +172,9 @@ class Dispatcher:
         self.on_outcome = on_outcome
         self.counts: Counter[Outcome] = Counter()
         self._jobs: set[Job] = set()
-        self._all_done = asyncio.Event()
-        self._all_done.set()
+        # Told when no job is left in flight: only while wait_done waits (a drain), so the
+        # first job in and the last out cost nothing more.
+        self._done_waiters: list[asyncio.Future[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop run_here last ran on
 
     @property
@@ -190,7 +191,7 @@ class Dispatcher:
         """Queue a task (raises Unavailable when the worker cannot take it, unless it was
         `promised` before a restart); its job starts once it has a slot."""
         job = Job(self, spec, self.slots.admit(spec.priority, promised), stream, on_start)
-        self._track(job)
+        self._jobs.add(job)
         if job.admission.granted:
             self._start(job)
         else:
@@ -206,16 +207,11 @@ class Dispatcher:
         job = Job(self, spec, self.slots.admit(spec.priority))
         assert job.admission.granted, "run_here is for a task with a slot free"
         job.task = task = self._current_task()
-        self._track(job)
+        self._jobs.add(job)
         result = await self._run(job)
         if result.reason is not None and job.reason is not None:
             task.uncancel()  # the cancel was ours, and _run has answered it
         return result
-
-    def _track(self, job: Job) -> None:
-        if not self._jobs:
-            self._all_done.clear()  # the first in flight
-        self._jobs.add(job)
 
     def _current_task(self) -> asyncio.Task[Any]:
         # With its loop given, current_task() skips get_running_loop(), which on Python 3.11
@@ -256,14 +252,23 @@ class Dispatcher:
         if self.on_outcome is not None:
             self.on_outcome(spec, outcome)
         self._jobs.discard(job)
-        if not self._jobs:
-            self._all_done.set()
+        if not self._jobs and self._done_waiters:
+            for waiter in self._done_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         job._ended(outcome)
         return outcome
 
     async def wait_done(self) -> None:
         """Return once every accepted task has an outcome."""
-        await self._all_done.wait()
+        if not self._jobs:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._done_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._done_waiters.remove(waiter)
 
     def cancel_all(self, reason: Reason = Reason.SHUTDOWN) -> int:
         """Cancel every task still queued or running; returns how many were cancelled."""
