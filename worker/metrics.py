@@ -24,6 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from worker.outcomes import Outcome
 from worker.parts import Part
 from worker.slots import PRECEDENCE, SlotManager
 from worker.tasks import TaskResult, TaskSpec
@@ -75,7 +76,8 @@ class Metrics(Part, Collector):
         self._services = services  # [{"name", "state", "status"}]
         self._pending = pending_deliveries
         self._dead_letters = dead_letters
-        self.tasks: Counter[tuple[str, str, str]] = Counter()
+        # The outcome as its member: Enum's `.value` is a Python property, read at a scrape.
+        self.tasks: Counter[tuple[str, str, Outcome]] = Counter()
         self.durations: dict[str, Histogram] = {}
         self.queue_wait = Histogram()
         self.requests: Counter[tuple[str, int]] = Counter()
@@ -91,7 +93,7 @@ class Metrics(Part, Collector):
     def task_ended(self, spec: TaskSpec, result: TaskResult) -> None:
         """From the task outcome path: one task, counted and timed."""
         function = spec.function.name
-        self.tasks[function, spec.mode, result.outcome.value] += 1
+        self.tasks[function, spec.mode, result.outcome] += 1
         duration = self.durations.get(function)
         if duration is None:
             duration = self.durations[function] = Histogram()
@@ -116,8 +118,9 @@ class Metrics(Part, Collector):
         tasks = CounterMetricFamily(
             "base_worker_tasks", "Tasks ended, by outcome.", labels=("function", "mode", "outcome")
         )
-        for (function, mode, outcome), count in sorted(self.tasks.items()):
-            tasks.add_metric((function, mode, outcome), count)
+        named = sorted(((f, m, o.value), count) for (f, m, o), count in self.tasks.items())
+        for labels, count in named:
+            tasks.add_metric(labels, count)
         yield tasks
         durations = HistogramMetricFamily(
             "base_worker_task_duration_seconds",
