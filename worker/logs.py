@@ -252,7 +252,10 @@ def emit(level: int, event: str, fields: dict[str, Any]) -> None:
         structlog.get_logger("worker.tasks").log(level, event, **fields)
         return
     fields["event"] = event
-    _OUTPUT.msg(_PROCESSORS[0](_OUTPUT, _METHODS.get(level, "info"), fields))
+    line = _PROCESSORS[0](_OUTPUT, _METHODS.get(level, "info"), fields)
+    sink = _OUTPUT.sink
+    if sink is not None:
+        sink.msg(line)
 
 
 def journal_stream_is(output: TextIO, environ: Mapping[str, str]) -> bool:
