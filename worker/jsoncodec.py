@@ -111,7 +111,9 @@ if orjson is not None:
             return _dumps_compact(body)
         # orjson writes NaN and Infinity as null: a null that may be one of them is judged by
         # the standard library (a result of None, the usual webhook no-op, is looked at here).
-        if b"null" in raw and _non_finite_in(body) is not False:
+        # (find, not `in`: on bytes, `in` first tries the operand as an integer, and raises
+        # and clears a TypeError for every answer.)
+        if raw.find(b"null") >= 0 and _non_finite_in(body) is not False:
             return _dumps_compact(body)
         return raw
 
