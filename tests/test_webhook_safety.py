@@ -7,6 +7,7 @@ import gc
 import hashlib
 import hmac
 import json
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -549,6 +550,9 @@ async def test_the_daemon_warns_once_when_configured_headers_go_everywhere(
         try:
             await daemon.start(env={"WEBHOOK_HEADERS": json.dumps({"X-Api-Key": "k" * 20})})
             await daemon.wait_ready()
+            # Stopped, not killed: its output is then read to the end (READY may come first).
+            daemon.signal(signal.SIGTERM)
+            assert await daemon.wait_exit() == 0
         finally:
             await daemon.stop()
         warned = [line for line in daemon.output if "webhook.header_targets" in line]
