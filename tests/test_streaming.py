@@ -12,11 +12,13 @@ from types import ModuleType
 import aiohttp
 import pytest
 from aiohttp.test_utils import make_mocked_request
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import AUTH, Running, Worker, task, wait_for
 from worker.jsoncodec import NotJSON
 from worker.outcomes import Outcome
-from worker.streaming import chunk_text, event_frame, wants_events
+from worker.streaming import chunk_text, event_frame, plain_bytes, wants_events
 
 StartWorker = Callable[..., Awaitable[Worker]]
 SSE = {**AUTH, "Accept": "text/event-stream"}
@@ -43,6 +45,16 @@ async def test_first_chunk_arrives_while_the_function_still_runs(worker_app: Sta
         testing.gate("first-chunk").set()
         assert await resp.content.read() == b"second\n"
     assert "first-chunk" in testing.FINISHED
+
+
+async def test_bytes_chunks_go_out_as_utf8_with_undecodable_bytes_replaced(
+    worker_app: StartWorker,
+) -> None:
+    client, _ = await worker_app()
+    body = task("stream_bytes", mode="stream")
+    async with client.post("/task", json=body, headers=AUTH) as resp:
+        assert resp.status == 200
+        assert await resp.read() == "ascii \u00e9t\u00e9 \ufffd mutable text".encode()
 
 
 async def test_hello_streams_its_greeting_and_json_chunks_end_with_a_newline(
@@ -261,6 +273,18 @@ async def test_a_returned_value_is_the_last_chunk_and_must_be_json(
 def test_wants_events_reads_the_accept_header(accept: str, events: bool) -> None:
     request = make_mocked_request("POST", "/task", headers={"Accept": accept} if accept else {})
     assert wants_events(request) is events
+
+
+@given(st.binary(max_size=64) | st.text(max_size=32).map(str.encode))
+def test_a_bytes_chunk_goes_out_as_the_utf8_of_its_text(chunk: bytes) -> None:
+    expected = chunk_text(chunk).encode()
+    assert plain_bytes(chunk) == expected
+    assert plain_bytes(bytearray(chunk)) == expected
+
+
+def test_an_ascii_bytes_chunk_is_sent_as_it_is() -> None:
+    chunk = b"x" * 65536
+    assert plain_bytes(chunk) is chunk  # no decoding, no copy
 
 
 def test_chunk_text_keeps_text_decodes_bytes_and_writes_the_rest_as_json() -> None:

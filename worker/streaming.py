@@ -43,6 +43,19 @@ def chunk_text(chunk: Any) -> str:
     return dumps_result(chunk)
 
 
+def plain_bytes(chunk: bytes | bytearray) -> bytes:
+    """A bytes chunk as a plain stream sends it, the bytes of `chunk_text(chunk)`: valid UTF-8
+    goes out as it is (ASCII without a copy of a bytes chunk), undecodable bytes replaced."""
+    data = bytes(chunk)
+    if data.isascii():
+        return data
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return chunk_text(data).encode()
+    return data
+
+
 def event_frame(data: str, event: str | None = None) -> bytes:
     """One server-sent event; a multi-line chunk becomes several `data:` lines."""
     lines = [f"event: {event}"] if event else []
@@ -94,8 +107,9 @@ class StreamAnswer:
             return event_frame(chunk_text(chunk))
         if isinstance(chunk, str):
             return chunk.encode()
-        text = chunk_text(chunk)
-        return (text if isinstance(chunk, bytes | bytearray) else text + "\n").encode()
+        if isinstance(chunk, bytes | bytearray):
+            return plain_bytes(chunk)  # decoded and encoded again, it made two copies
+        return (chunk_text(chunk) + "\n").encode()
 
     async def __call__(self, chunk: Any) -> None:
         """Send one chunk; waits while the client is slow to read (aiohttp drains)."""

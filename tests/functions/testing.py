@@ -151,6 +151,16 @@ async def deep_result(params: dict[str, Any], ctx: Any) -> list[Any]:
 
 
 @function(streaming=True)
+async def stream_bytes(params: dict[str, Any], ctx: Any) -> AsyncIterator[Any]:
+    """Bytes chunks of every kind: ASCII, other UTF-8, undecodable, a bytearray, then text."""
+    yield b"ascii "
+    yield "\u00e9t\u00e9 ".encode()
+    yield b"\xff "
+    yield bytearray(b"mutable ")
+    yield "text"
+
+
+@function(streaming=True)
 async def stream_infinity(params: dict[str, Any], ctx: Any) -> AsyncIterator[Any]:
     """A first chunk, then one that JSON cannot hold."""
     yield "first\n"
