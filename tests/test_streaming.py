@@ -51,10 +51,11 @@ async def test_bytes_chunks_go_out_as_utf8_with_undecodable_bytes_replaced(
     worker_app: StartWorker,
 ) -> None:
     client, _ = await worker_app()
-    body = task("stream_bytes", mode="stream")
-    async with client.post("/task", json=body, headers=AUTH) as resp:
-        assert resp.status == 200
-        assert await resp.read() == "ascii \u00e9t\u00e9 \ufffd mutable text".encode()
+    async with client.post("/task", json=task("stream_bytes", mode="stream"), headers=AUTH) as r:
+        assert (r.status, await r.read()) == (
+            200,
+            "ascii \u00e9t\u00e9 \ufffd mutable text".encode(),
+        )
 
 
 async def test_hello_streams_its_greeting_and_json_chunks_end_with_a_newline(
