@@ -225,7 +225,7 @@ async def test_in_memory_dead_letters_keep_admission_order_and_can_be_redelivere
     assert [e.task_id for e in await journal.dead_letters()] == ["d", "b", "c"]
 
 
-async def test_in_memory_an_id_held_is_refused_and_free_again_once_delivered(
+async def test_in_memory_an_id_in_use_held_or_as_a_row_is_refused_a_delivered_held_one_is_free(
     in_memory: Journal,
 ) -> None:
     journal = in_memory
@@ -238,6 +238,12 @@ async def test_in_memory_an_id_held_is_refused_and_free_again_once_delivered(
     journal.done("t", b"{}")
     journal.delivered("t")
     assert await journal.admit(entry("t")) is None  # nothing keeps a delivered task in memory
+    await journal.admit(entry("r", key="kr"))
+    journal.done("r", b"{}")
+    journal.delivered("r")  # its row stays for webhook.retention
+    await journal.committed()
+    with pytest.raises(JournalUnavailable):
+        await journal.admit(entry("r"))  # held, it could never be written as a dead letter
     await journal.stop(stop_deadline())
     with pytest.raises(JournalUnavailable):
         await journal.admit(entry("u"))

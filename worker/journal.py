@@ -280,7 +280,10 @@ class Journal(Part):
         if self.path is None:
             if not self._is_open:
                 raise JournalUnavailable("the task journal is not open")
-            if entry.task_id in self._held:
+            if entry.task_id in self._held or (
+                entry.idempotency_key is None and self._is_a_row(entry.task_id)
+            ):
+                # (A row refuses a held task's id too, by its UNIQUE constraint.)
                 raise JournalUnavailable("task journal refused the task: its id is in use")
             self._seq = seq = self._seq + 1
             if entry.idempotency_key is None:
@@ -395,6 +398,13 @@ class Journal(Part):
     @property
     def durable(self) -> bool:
         return self.path is not None
+
+    def _is_a_row(self, task_id: str) -> bool:
+        """In memory: whether a row (a task with a key, or a dead letter) has this id. A held
+        task taking it could never become a dead letter: its row would break the UNIQUE."""
+        assert self._conn is not None
+        found = self._conn.execute("SELECT 1 FROM tasks WHERE task_id = ?", (task_id,))
+        return found.fetchone() is not None
 
     def _count_held(self, state: State, by: int) -> None:
         # In memory the counts are only ever touched on the loop: changed in place.
