@@ -104,6 +104,11 @@ _FIELDS = list(Entry._fields)
 _COLUMNS = ", ".join(_FIELDS)  # the columns that make an Entry, in its fields' order
 
 
+def _stored(entry: Entry) -> tuple[str, str]:
+    """An entry's params and headers as their columns hold them (what `_entry` reads back)."""
+    return dumps_answer(entry.params).decode(), dumps_answer(entry.headers).decode()
+
+
 def _entry(row: tuple[Any, ...]) -> Entry:
     values = dict(zip(_FIELDS, row, strict=True))
     values["params"], values["headers"] = (
@@ -290,8 +295,7 @@ class Journal(Part):
                 self._held[entry.task_id] = _Held(entry, seq)
                 self._count_held("queued", 1)
                 return None
-        params = dumps_answer(entry.params).decode()
-        headers = dumps_answer(entry.headers).decode()
+        params, headers = _stored(entry)
 
         def op(conn: sqlite3.Connection) -> Entry | None:
             if entry.idempotency_key is not None:
@@ -371,10 +375,10 @@ class Journal(Part):
             self._move(_TO_DEAD, task_id, error, attempts, time.time())
             return
         entry = held.entry
+        params, headers = _stored(entry)
         row = (
-            *(held.seq, entry.task_id, entry.function, dumps_answer(entry.params).decode()),
-            *(entry.priority, entry.url, dumps_answer(entry.headers).decode(), held.body),
-            *(attempts, error, entry.accepted_at, time.time()),
+            *(held.seq, entry.task_id, entry.function, params, entry.priority, entry.url),
+            *(headers, held.body, attempts, error, entry.accepted_at, time.time()),
         )
 
         def op(conn: sqlite3.Connection) -> None:
