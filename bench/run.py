@@ -54,7 +54,7 @@ class Sizes:
 
     duration: float = 8.0  # (a) seconds per wrk run
     rounds: int = 3  # (a), (b), (h) A/B rounds
-    # (d)'s bursts last under a second each: single rounds' ratios ranged from 0.26 to 1.53
+    # (d)'s bursts last under a second each: single rounds' ratios ranged from 0.26 to 1.70
     # on one tree, so its median takes five.
     webhook_rounds: int = 5
     connections: tuple[int, ...] = (1, 16, 64, 256)

@@ -108,7 +108,7 @@ class StreamAnswer:
         if isinstance(chunk, str):
             return chunk.encode()
         if isinstance(chunk, bytes | bytearray):
-            return plain_bytes(chunk)  # decoded and encoded again, it made two copies
+            return plain_bytes(chunk)  # not through chunk_text: a decode and an encode copied it
         return (chunk_text(chunk) + "\n").encode()
 
     async def __call__(self, chunk: Any) -> None:
