@@ -138,14 +138,11 @@ class SlotManager(Part):
         self._held: set[Condition] = set()
         self._status: Status = "ready"
         self._grace = False  # draining, yet still taking tasks (worker.drain_grace)
-        # True while new tasks are taken: when ready, and during a drain's grace period. Read
-        # only (hold and set_grace keep it): an attribute, read three times a task.
-        self.accepting = True
         self._used = 0
         self._queued = 0
         self._heap: list[Admission] = []
         self._seq = itertools.count()
-        self._subscribers: tuple[Subscriber, ...] = ()  # replaced, never changed in place
+        self._subscribers: list[Subscriber] = []
         self._idle = asyncio.Event()
         self._idle.set()
         self._idle_now = True  # what _idle says, read without a call on every change
@@ -159,19 +156,18 @@ class SlotManager(Part):
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
         """Call `subscriber(state)` on every change; returns the function that unsubscribes."""
-        self._subscribers = (*self._subscribers, subscriber)
-
-        def unsubscribe() -> None:
-            kept = list(self._subscribers)
-            kept.remove(subscriber)
-            self._subscribers = tuple(kept)
-
-        return unsubscribe
+        self._subscribers.append(subscriber)
+        return lambda: self._subscribers.remove(subscriber)
 
     @property
     def free(self) -> bool:
         """True when a task admitted now gets a slot at once."""
         return self._used < self._limit and self._queued == 0 and self.accepting
+
+    @property
+    def accepting(self) -> bool:
+        """True while new tasks are taken: when ready, and during a drain's grace period."""
+        return self._status == "ready" or (self._grace and self._status == "draining")
 
     def hold(self, condition: Condition, on: bool = True) -> None:
         """Hold (or lift) one condition; the status is the first held in PRECEDENCE."""
@@ -182,16 +178,11 @@ class SlotManager(Part):
         status: Status = next((c for c in PRECEDENCE if c in self._held), "ready")
         if status != self._status:
             self._status = status
-            self._accepting_now()
             self._changed()
 
     def set_grace(self, on: bool) -> None:
         """While draining, keep taking tasks (a balancer that polls /ready routes for a while)."""
         self._grace = on
-        self._accepting_now()
-
-    def _accepting_now(self) -> None:
-        self.accepting = self._status == "ready" or (self._grace and self._status == "draining")
 
     def set_max_queue(self, max_queue: int) -> None:
         self._max_queue = max_queue
@@ -269,6 +260,6 @@ class SlotManager(Part):
             else:
                 self._idle.clear()
         if self._subscribers:
-            state = SlotState(self._status, self._used, self._limit, self._queued)
-            for subscriber in self._subscribers:  # a tuple: one may unsubscribe meanwhile
+            state = self.state()
+            for subscriber in list(self._subscribers):
                 subscriber(state)
