@@ -1,5 +1,5 @@
 """The worker's own work per task, in-process: POST /task `hello` through the aiohttp application
-(middleware, route, handler, answer) against bench/baseline.py's handler, the same requests
+(the listener's entry, handler, answer) against bench/baseline.py's handler, the same requests
 built the same way, one at a time on uvloop. No sockets, no wrk, no second process: what is
 left between the two is the worker's own CPU time and its own allocations per task.
 
@@ -59,13 +59,19 @@ def build_worker(**flags: Any) -> Any:
     return lifecycle.build(cfg, functions.load(cfg.worker.functions), logging, Notifier({}, 0), [])
 
 
-def worker_app() -> Any:
+Served = tuple[Any, Any]  # an application, and what aiohttp's server calls per request
+
+
+def worker_app() -> Served:
+    """The worker's application and its listener's entry (a checkout older than the entry:
+    the application's own)."""
     built = build_worker()
     built.slots.hold("starting", False)
-    return built.app
+    entry = getattr(built.api, "entry", None)
+    return built.app, entry(built.app._handle) if entry is not None else built.app._handle
 
 
-def baseline_app() -> Any:
+def baseline_app() -> Served:
     from aiohttp import web
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -73,7 +79,7 @@ def baseline_app() -> Any:
 
     app = web.Application()
     app.router.add_post("/task", baseline.Baseline(KEY, 100).task)
-    return app
+    return app, app._handle
 
 
 def request(app: Any) -> Any:
@@ -88,20 +94,22 @@ def request(app: Any) -> Any:
         "Content-Type": "application/json",
         "Content-Length": str(len(BODY)),
     }
-    return make_mocked_request("POST", "/task", headers, app=app, payload=payload)
+    made = make_mocked_request("POST", "/task", headers, app=app, payload=payload)
+    made._match_info = None  # as aiohttp's server makes it: not routed yet
+    return made
 
 
 _PROTOCOL: Any = None
 
 
-async def measure(app: Any, count: int) -> dict[str, float]:
+async def measure(served: Served, count: int) -> dict[str, float]:
     from unittest import mock
 
     global _PROTOCOL
     _PROTOCOL = mock.Mock(_reading_paused=False)
+    app, handle = served
     app.freeze()
     await app.startup()
-    handle = app._handle  # the application's entry, as aiohttp's server calls it
     response = await handle(request(app))
     assert response.status == 200, response.text
     best = float("inf")
@@ -156,9 +164,9 @@ def main() -> None:
     args = parser.parse_args()
     import uvloop
 
-    app = worker_app() if args.which == "worker" else baseline_app()
+    served = worker_app() if args.which == "worker" else baseline_app()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        print(json.dumps(runner.run(measure(app, args.requests))))
+        print(json.dumps(runner.run(measure(served, args.requests))))
 
 
 if __name__ == "__main__":

@@ -182,6 +182,77 @@ async def test_slow_body_gets_408_and_is_closed_after_body_timeout(
     assert events == ["slow body closed", "normal answered"]
 
 
+# --- the route a task takes: POST /task skips the router (worker/http.py, Api.entry) ----------
+
+
+async def test_expect_100_continue_on_post_task_is_answered_before_the_body_is_sent(
+    daemons: list[Daemon], tmp_path: Path
+) -> None:
+    # curl sends Expect for a body over 1 KiB and waits a second for 100 Continue; a client that
+    # waits for it without a limit would wait until body_timeout cut the request.
+    daemon = await start(daemons, tmp_path)
+    body = json.dumps({"function": "hello", "contract": 1, "input": {"name": "Expect"}}).encode()
+    whole = request("POST", "/task", body, Authorization=AUTH_KEY, Expect="100-continue")
+    async with connect(daemon) as (reader, writer):
+        writer.write(whole[: -len(body)])
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLOSE_DEADLINE)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n"), interim
+        writer.write(body)
+        status, _, answer_body = await answer(reader)
+    assert (status, json.loads(answer_body)) == (
+        200,
+        {"success": True, "result": {"message": "Hello Expect!"}},
+    )
+
+
+async def test_requests_near_post_task_are_routed_as_the_router_routes_them(
+    daemons: list[Daemon], tmp_path: Path
+) -> None:
+    # What the router did with each of these before POST /task skipped it, each on one
+    # kept-alive connection; the metrics then count the tasks under /task as before.
+    daemon = await start(daemons, tmp_path)
+    body = json.dumps({"function": "hello", "contract": 1}).encode()
+    expected = [
+        ("POST", "/task", 200, ""),
+        ("POST", "/task?x=1", 200, ""),
+        ("POST", "/%74ask", 200, ""),
+        ("POST", "/task/", 404, ""),
+        ("POST", "/TASK", 404, ""),
+        ("POST", "//task", 404, ""),
+        ("POST", "/tasks", 404, ""),
+        ("PUT", "/task", 405, "POST"),
+        ("GET", "/task", 405, "POST"),
+        ("HEAD", "/task", 405, "POST"),
+    ]
+    seen = []
+    async with connect(daemon) as (reader, writer):
+        for method, target, _, _ in expected:
+            writer.write(request(method, target, body, Authorization=AUTH_KEY))
+            if method == "HEAD":  # a HEAD answer announces a body it does not send
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLOSE_DEADLINE)
+                status = int(head.split()[1])
+                allow = next(
+                    (
+                        line.split(":", 1)[1].strip()
+                        for line in head.decode().split("\r\n")
+                        if line.lower().startswith("allow:")
+                    ),
+                    "",
+                )
+            else:
+                status, headers, answer_body = await answer(reader)
+                assert json.loads(answer_body)["success"] is (status == 200), answer_body
+                allow = headers.get("allow", "")
+            seen.append((method, target, status, "POST" if "POST" in allow else ""))
+    assert seen == expected
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{daemon.url}/metrics", headers={"Authorization": AUTH_KEY}) as got,
+    ):
+        metrics = await got.text()
+    assert 'route="/task",status="200"} 3' in metrics, metrics
+
+
 async def test_the_load_balancer_websocket_port_closes_silent_connections_too(
     daemons: list[Daemon], tmp_path: Path
 ) -> None:

@@ -200,7 +200,7 @@ def build(
         watchdog=Watchdog(notifier),
         inbound=InboundServer(slots, cfg, services.describe),
         outbound=OutboundClient(slots, registry, cfg, services.describe),
-        listener=HttpServer(app, cfg, inherited),
+        listener=HttpServer(app, cfg, inherited, api.entry),
     )
     return worker
 

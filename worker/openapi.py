@@ -520,7 +520,7 @@ def _assets() -> Path:
 
 
 def add_routes(
-    add: Callable[[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]], None],
+    add: Callable[[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]], object],
     registry: Registry,
 ) -> None:
     """Serve the document at /openapi and Swagger UI (local assets) at /docs, through `add`

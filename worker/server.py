@@ -16,7 +16,7 @@ import logging
 import math
 import resource
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import structlog
@@ -28,6 +28,9 @@ from yarl import URL
 from worker.config import Config
 from worker.outbox import Outbox
 from worker.parts import Part
+
+# What the listener calls per request; the application's request factory makes web.Request.
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _log = structlog.get_logger("worker.server")
 _access = structlog.get_logger("worker.access")
@@ -305,8 +308,15 @@ class HttpServer(Part):
 
     name = "http listener"
 
-    def __init__(self, app: web.Application, config: Config, inherited: list[socket.socket]):
+    def __init__(
+        self,
+        app: web.Application,
+        config: Config,
+        inherited: list[socket.socket],
+        entry: Callable[[Handler], Handler] | None = None,
+    ):
         self._app = app
+        self._entry = entry  # given the application's own entry, what the listener calls
         self._config = config
         self._inherited = inherited
         self._runner: web.AppRunner | None = None
@@ -343,6 +353,10 @@ class HttpServer(Part):
         )
         await runner.setup()
         assert runner.server is not None  # set by setup()
+        if self._entry is not None:
+            # Read by each connection's handler when it is made: set before the first one is.
+            routed = cast(Handler, runner.server.request_handler)
+            runner.server.request_handler = cast(Any, self._entry(routed))
         edge = Edge(runner.server, http.header_timeout, bound, Outbox(asyncio.get_running_loop()))
         if self._inherited:
             sites = [_EdgeSite(runner, edge, sock=sock) for sock in self._inherited]
