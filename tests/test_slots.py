@@ -57,6 +57,26 @@ async def test_slot_granted_at_the_moment_of_cancel_is_passed_on() -> None:
     assert slots.state() == SlotState("ready", 0, 1, 0)
 
 
+async def test_wait_idle_returns_once_the_last_slot_is_back_and_the_queue_empty() -> None:
+    slots = SlotManager(limit=1, max_queue=10)
+    await asyncio.wait_for(slots.wait_idle(), 1)  # idle already: at once
+    holder = await slots.admit(1).lease()
+    queued = asyncio.create_task(slots.admit(1).lease())
+    await asyncio.sleep(0)
+    drains = [asyncio.create_task(slots.wait_idle()) for _ in range(2)]
+    await asyncio.sleep(0)
+    drains[0].cancel()  # one drain gives up; the other still waits for the end
+    with pytest.raises(asyncio.CancelledError):
+        await drains[0]
+    holder.release()  # the slot goes straight to the queued task: still not idle
+    lease = await queued
+    await asyncio.sleep(0)
+    assert not drains[1].done()
+    lease.release()
+    await asyncio.wait_for(drains[1], 1)
+    assert slots.state() == SlotState("ready", 0, 1, 0)
+
+
 async def test_full_queue_and_maintenance_refuse_admission() -> None:
     slots = SlotManager(limit=1, max_queue=1)
     holder = await slots.admit(1).lease()

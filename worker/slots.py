@@ -143,9 +143,9 @@ class SlotManager(Part):
         self._heap: list[Admission] = []
         self._seq = itertools.count()
         self._subscribers: list[Subscriber] = []
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._idle_now = True  # what _idle says, read without a call on every change
+        # Told when no slot is used and nothing is queued: only while wait_idle waits (a drain),
+        # so that a lone task, which makes the slots idle again as it ends, costs nothing more.
+        self._idle_waiters: list[asyncio.Future[None]] = []
 
     def state(self) -> SlotState:
         return SlotState(self._status, self._used, self._limit, self._queued)
@@ -218,7 +218,14 @@ class SlotManager(Part):
 
     async def wait_idle(self) -> None:
         """Return once no slot is used and nothing is queued."""
-        await self._idle.wait()
+        if self._used == 0 and self._queued == 0:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._idle_waiters.remove(waiter)
 
     def _abandon(self, admission: Admission) -> None:
         if admission.abandoned:
@@ -252,13 +259,10 @@ class SlotManager(Part):
             admission._grant()
 
     def _changed(self) -> None:
-        idle = self._used == 0 and self._queued == 0
-        if idle is not self._idle_now:
-            self._idle_now = idle
-            if idle:
-                self._idle.set()
-            else:
-                self._idle.clear()
+        if self._idle_waiters and self._used == 0 and self._queued == 0:
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         if self._subscribers:
             state = self.state()
             for subscriber in list(self._subscribers):
