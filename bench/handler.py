@@ -1,5 +1,5 @@
-"""The worker's own work per task, in-process: POST /task `hello` through the aiohttp application
-(the listener's entry, handler, answer) against bench/baseline.py's handler, the same requests
+"""The worker's own work per task, in-process: POST /task `hello` as the listener serves it
+(the listener's entry, handler, answer) against bench/baseline.py's application, the same requests
 built the same way, one at a time on uvloop. No sockets, no wrk, no second process: what is
 left between the two is the worker's own CPU time and its own allocations per task.
 
@@ -8,7 +8,8 @@ left between the two is the worker's own CPU time and its own allocations per ta
 
 Prints, per request: CPU µs (best of 5 batches), Python and C function calls, the peak of memory
 allocated at once (tracemalloc) and memory blocks still held after it (the worker keeps its
-last log lines for /logs). docs/performance.md, "The worker's own work, in-process".
+last log lines for /logs). docs/performance.md, "Issue #14: the worker's own CPU per task,
+second pass" (how it was measured) and "Issue #14, eighth pass" (what it calls).
 """
 
 from __future__ import annotations

@@ -219,6 +219,7 @@ async def test_requests_near_post_task_are_routed_as_the_router_routes_them(
         ("POST", "/task/", 404, ""),
         ("POST", "/TASK", 404, ""),
         ("POST", "//task", 404, ""),
+        ("POST", "/a/../task", 404, ""),
         ("POST", "/tasks", 404, ""),
         ("PUT", "/task", 405, "POST"),
         ("GET", "/task", 405, "POST"),
