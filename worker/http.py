@@ -28,6 +28,7 @@ from worker.maintenance import Maintenance
 from worker.metrics import Metrics
 from worker.parts import Part
 from worker.responses import RETRY_AFTER, json_response
+from worker.server import Handler
 from worker.slots import REFUSALS, SlotManager
 from worker.targets import TargetPolicy
 from worker.tasks import TaskSpec
@@ -47,7 +48,6 @@ class DeadLetters(Protocol):
 
 # How a mode (sync, stream, webhook) answers the request of a task it was handed.
 Answer = Callable[[web.Request, TaskSpec], Awaitable[web.StreamResponse]]
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def answered(route: str, handler: Handler, metrics: Metrics, refusals: Throttle) -> Handler:
@@ -215,8 +215,8 @@ class Api(Part):
 
         The route taken per task skips the router: its resolve, match info and a getpid()
         system call (Python 3.11's get_event_loop) cost a sync task about 5 us of its 45
-        in-process (docs/performance.md, eighth pass). The router sends POST /task to the same
-        handler; a request it does not route sees the same answers either way."""
+        in-process (docs/performance.md, eighth pass). The router would hand these requests
+        to the same handler, so every request gets the answer it got through the router."""
         task = self._task_route
         assert task is not None, "app() builds the routes first"
 

@@ -29,7 +29,8 @@ from worker.config import Config
 from worker.outbox import Outbox
 from worker.parts import Part
 
-# What the listener calls per request; the application's request factory makes web.Request.
+# A route's handler, and what the listener calls per request (the application's request
+# factory makes web.Request).
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _log = structlog.get_logger("worker.server")
