@@ -106,6 +106,29 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         await task
 
 
+class Waiters:
+    """Whoever waits for a condition to hold (a drain, for the work to end), each on a future of
+    its own made only while it waits. A condition that comes and goes with every task then
+    costs each task a look at `futures`, not an asyncio.Event cleared and set again."""
+
+    def __init__(self) -> None:
+        self.futures: list[asyncio.Future[None]] = []  # one per waiter, while it waits
+
+    async def wait(self) -> None:
+        """Return once `wake` is called."""
+        future = asyncio.get_running_loop().create_future()
+        self.futures.append(future)
+        try:
+            await future
+        finally:
+            self.futures.remove(future)
+
+    def wake(self) -> None:
+        for future in self.futures:
+            if not future.done():
+                future.set_result(None)
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

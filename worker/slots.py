@@ -16,7 +16,7 @@ from typing import Literal, NamedTuple
 
 from worker.config import Config
 from worker.errors import Unavailable
-from worker.parts import Part
+from worker.parts import Part, Waiters
 
 # What the worker says about itself to /health, /ready, systemd and the load balancers: "may I
 # send you work". Each condition but ready is held (or not) on its own; the status is the
@@ -143,9 +143,7 @@ class SlotManager(Part):
         self._heap: list[Admission] = []
         self._seq = itertools.count()
         self._subscribers: list[Subscriber] = []
-        # Told when no slot is used and nothing is queued: only while wait_idle waits (a drain),
-        # so that a lone task, which makes the slots idle again as it ends, costs nothing more.
-        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._idle = Waiters()  # told when no slot is used and nothing is queued (a drain)
 
     def state(self) -> SlotState:
         return SlotState(self._status, self._used, self._limit, self._queued)
@@ -218,14 +216,8 @@ class SlotManager(Part):
 
     async def wait_idle(self) -> None:
         """Return once no slot is used and nothing is queued."""
-        if self._used == 0 and self._queued == 0:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._idle_waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            self._idle_waiters.remove(waiter)
+        if self._used != 0 or self._queued != 0:
+            await self._idle.wait()
 
     def _abandon(self, admission: Admission) -> None:
         if admission.abandoned:
@@ -259,10 +251,8 @@ class SlotManager(Part):
             admission._grant()
 
     def _changed(self) -> None:
-        if self._idle_waiters and self._used == 0 and self._queued == 0:
-            for waiter in self._idle_waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+        if self._idle.futures and self._used == 0 and self._queued == 0:
+            self._idle.wake()
         if self._subscribers:
             state = self.state()
             for subscriber in list(self._subscribers):

@@ -25,6 +25,7 @@ from worker import logs
 from worker.context import Mode, StreamWriter, TaskContext
 from worker.functions import FunctionSpec
 from worker.outcomes import Outcome, Reason, reason_of, verdict
+from worker.parts import Waiters
 from worker.runner import Runner, RunResult
 from worker.slots import Admission, Lease, SlotManager
 
@@ -172,9 +173,7 @@ class Dispatcher:
         self.on_outcome = on_outcome
         self.counts: Counter[Outcome] = Counter()
         self._jobs: set[Job] = set()
-        # Told when no job is left in flight: only while wait_done waits (a drain), so the
-        # first job in and the last out cost nothing more.
-        self._done_waiters: list[asyncio.Future[None]] = []
+        self._done = Waiters()  # told when no job is left in flight (a drain)
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop run_here last ran on
 
     @property
@@ -252,23 +251,15 @@ class Dispatcher:
         if self.on_outcome is not None:
             self.on_outcome(spec, outcome)
         self._jobs.discard(job)
-        if not self._jobs and self._done_waiters:
-            for waiter in self._done_waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+        if not self._jobs and self._done.futures:
+            self._done.wake()
         job._ended(outcome)
         return outcome
 
     async def wait_done(self) -> None:
         """Return once every accepted task has an outcome."""
-        if not self._jobs:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._done_waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            self._done_waiters.remove(waiter)
+        if self._jobs:
+            await self._done.wait()
 
     def cancel_all(self, reason: Reason = Reason.SHUTDOWN) -> int:
         """Cancel every task still queued or running; returns how many were cancelled."""
