@@ -45,7 +45,7 @@ from worker.giveway import GiveWay
 from worker.journal import Entry, Journal, JournalUnavailable
 from worker.jsoncodec import NotJSON, dumps_answer
 from worker.outcomes import Outcome, Reason
-from worker.parts import Part
+from worker.parts import Part, Waiters
 from worker.responses import json_response
 from worker.targets import (
     TargetPolicy,
@@ -241,8 +241,7 @@ class Deliveries(Part):
         self._closers: set[asyncio.Task[None]] = set()
         self._pending: set[asyncio.Task[None]] = set()
         self._accepted = 0  # webhook tasks queued, running or awaiting delivery
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle = Waiters()  # told when no delivery is under way or held (a drain)
         self.delivered = 0
         self.failed = 0
         self.abandoned = 0  # results given up on because the worker stopped
@@ -364,7 +363,8 @@ class Deliveries(Part):
         """Return once no delivery is under way; what gives way to arrivals goes now (the
         drain waits here, and nothing arrives while it does)."""
         self.give_way.release()
-        await self._idle.wait()
+        if self._pending or self._held:
+            await self._idle.wait()
 
     def _start(self, job: Job) -> None:
         spec = job.spec
@@ -380,7 +380,6 @@ class Deliveries(Part):
         delivery, budget = Delivery.of(spec), 1 + self._settings.max_retries
         # Held as a call, not a task: a burst's deliveries cost nothing until they go.
         self._held += 1
-        self._idle.clear()
         self.give_way.call(lambda: self._go(delivery, body, budget))
 
     def _go(self, delivery: Delivery, body: bytes, budget: int) -> None:
@@ -390,14 +389,13 @@ class Deliveries(Part):
     def _send(self, delivery: Delivery, body: bytes, made: int, budget: int) -> None:
         task = asyncio.get_running_loop().create_task(self._deliver(delivery, body, made, budget))
         self._pending.add(task)
-        self._idle.clear()
         task.add_done_callback(self._forget)
 
     def _forget(self, delivery: asyncio.Task[None]) -> None:
         self._pending.discard(delivery)
         self._accepted -= 1
-        if not self._pending and not self._held:
-            self._idle.set()
+        if not self._pending and not self._held and self._idle.futures:
+            self._idle.wake()
 
     async def _deliver(self, delivery: Delivery, body: bytes, made: int, budget: int) -> None:
         """Attempts made+1 .. made+budget; delivered, or a dead letter (the journal keeps it);
