@@ -3,7 +3,8 @@
 A part starts, stops by a deadline, takes a reloaded config (or refuses it), and adds to the
 detailed /health. Which parts exist and in which order is the lifecycle's business alone; the
 loops here only keep the rules: start in order, stop in reverse, and a reload is checked by every
-part before any part applies it.
+part before any part applies it. Two helpers for a part's own waiting: `cancel_and_wait` for its
+background task, and `Waiters` for whoever waits on it (a drain).
 """
 
 from __future__ import annotations

@@ -314,7 +314,7 @@ class HttpServer(Part):
         app: web.Application,
         config: Config,
         inherited: list[socket.socket],
-        entry: Callable[[Handler], Handler] | None = None,
+        entry: Callable[[Handler], Handler],
     ):
         self._app = app
         self._entry = entry  # given the application's own entry, what the listener calls
@@ -354,10 +354,9 @@ class HttpServer(Part):
         )
         await runner.setup()
         assert runner.server is not None  # set by setup()
-        if self._entry is not None:
-            # Read by each connection's handler when it is made: set before the first one is.
-            routed = cast(Handler, runner.server.request_handler)
-            runner.server.request_handler = cast(Any, self._entry(routed))
+        # Read by each connection's handler when it is made: set before the first one is.
+        routed = cast(Handler, runner.server.request_handler)
+        runner.server.request_handler = cast(Any, self._entry(routed))
         edge = Edge(runner.server, http.header_timeout, bound, Outbox(asyncio.get_running_loop()))
         if self._inherited:
             sites = [_EdgeSite(runner, edge, sock=sock) for sock in self._inherited]
