@@ -249,6 +249,60 @@ async def test_in_memory_an_id_in_use_held_or_as_a_row_is_refused_a_delivered_he
         await journal.admit(entry("u"))
 
 
+async def test_in_memory_a_dead_letters_id_is_refused_until_it_is_purged() -> None:
+    """The rows are counted: every way a row comes (a key, a dead letter) or goes (purge,
+    forget, expiry) keeps the refusals right while SQLite is asked only when a row exists."""
+    journal = Journal(None, retention=0)  # a delivered row expires at the next clean-up
+    await journal.start()
+    try:
+        for task_id in ("a", "b"):
+            await journal.admit(entry(task_id))
+            journal.done(task_id, b"{}")
+            journal.dead(task_id, "HTTP 503", 4)
+        await journal.admit(entry("k", key="kk"))
+        await journal.committed()
+        for task_id in ("a", "b", "k"):
+            with pytest.raises(JournalUnavailable):
+                await journal.admit(entry(task_id))
+        assert await journal.purge(["a"]) == 1
+        assert await journal.admit(entry("a")) is None  # its row is gone: the id is free
+        with pytest.raises(JournalUnavailable):
+            await journal.admit(entry("b"))  # the other dead letter still holds its id
+        journal.done("k", b"{}")
+        journal.delivered("k")
+        assert await journal.cleanup() == 1
+        assert await journal.admit(entry("k")) is None
+        assert await journal.purge(None) == 1
+        asked: list[str] = []
+        assert journal._conn is not None
+        journal._conn.set_trace_callback(asked.append)
+        assert await journal.admit(entry("b")) is None
+        assert asked == []  # no row is left: nothing to ask
+    finally:
+        await journal.stop(stop_deadline())
+
+
+async def test_in_memory_a_task_without_a_key_asks_sqlite_only_when_a_row_exists(
+    in_memory: Journal,
+) -> None:
+    journal = in_memory
+    asked: list[str] = []
+    assert journal._conn is not None
+    journal._conn.set_trace_callback(asked.append)
+    await journal.admit(entry("t0"))
+    assert asked == []
+    await journal.admit(entry("k", key="kk"))
+    await journal.committed()
+    asked.clear()
+    await journal.admit(entry("t1"))
+    assert asked == ["SELECT 1 FROM tasks WHERE task_id = 't1'"]
+    journal.forget("k")
+    await journal.committed()
+    asked.clear()
+    await journal.admit(entry("t2"))
+    assert asked == []  # the row is gone, and so is the question
+
+
 async def test_a_finished_task_does_not_go_back_to_running(journal: Journal) -> None:
     await journal.admit(entry("t"))
     journal.done("t", b"{}")
