@@ -4,12 +4,18 @@ built the same way, one at a time on uvloop. No sockets, no wrk, no second proce
 left between the two is the worker's own CPU time and its own allocations per task.
 
     python -m bench.handler --which worker|baseline [--requests N]
+    python -m bench.handler --mode webhook           # the worker's webhook accept, below
     PYTHONPATH=/tmp/other python bench/handler.py   # another checkout's `worker` package
 
 Prints, per request: CPU µs (best of 5 batches), Python and C function calls, the peak of memory
 allocated at once (tracemalloc) and memory blocks still held after it (the worker keeps its
 last log lines for /logs). docs/performance.md, "Issue #14: the worker's own CPU per task,
 second pass" (how it was measured) and "Issue #14, eighth pass" (what it calls).
+
+`--mode webhook` measures the worker only: a `noop` posted with a webhook, from its request to
+its delivery held (the deliveries give way for an hour, so none is tried), the job's own task
+run after each request. It is what a webhook task costs over a sync one ("Issue #14, ninth
+pass").
 """
 
 from __future__ import annotations
@@ -26,7 +32,17 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-BODY = json.dumps({"function": "hello", "input": {"name": "Andera"}, "contract": 1}).encode()
+BODIES = {
+    "sync": {"function": "hello", "input": {"name": "Andera"}, "contract": 1},
+    # Never delivered (held), and only ever loopback.
+    "webhook": {
+        "function": "noop",
+        "contract": 1,
+        "mode": "webhook",
+        "webhook": {"url": "http://127.0.0.1:9/hook"},
+    },
+}
+BODY = json.dumps(BODIES["sync"]).encode()
 KEY = "bench-key"
 
 
@@ -63,10 +79,23 @@ def build_worker(**flags: Any) -> Any:
 Served = tuple[Any, Any]  # an application, and what aiohttp's server calls per request
 
 
-def worker_app() -> Served:
+def worker_app(mode: str = "sync") -> Served:
     """The worker's application and its listener's entry (a checkout older than the entry:
-    the application's own)."""
-    built = build_worker()
+    the application's own). In mode webhook its journal is started with the application, and
+    its deliveries give way for an hour: every result is held, none is tried."""
+    if mode == "webhook":
+        from worker.giveway import GiveWay
+
+        built = build_worker(**{"webhook.max_pending": 10**6})
+        give_way = built.deliveries.give_way = GiveWay(3600.0, 3600.0)
+
+        async def start(app: Any) -> None:
+            await built.journal.start()
+            give_way.call(lambda: None)  # its first look: from now on every result waits
+
+        built.app.on_startup.append(start)
+    else:
+        built = build_worker()
     built.slots.hold("starting", False)
     entry = getattr(built.api, "entry", None)
     return built.app, entry(built.app._handle) if entry is not None else built.app._handle
@@ -103,16 +132,19 @@ def request(app: Any) -> Any:
 _PROTOCOL: Any = None
 
 
-async def measure(served: Served, count: int) -> dict[str, float]:
+async def measure(served: Served, count: int, mode: str = "sync") -> dict[str, float]:
     from unittest import mock
 
-    global _PROTOCOL
+    global _PROTOCOL, BODY
     _PROTOCOL = mock.Mock(_reading_paused=False)
+    BODY = json.dumps(BODIES[mode]).encode()
     app, handle = served
+    if mode == "webhook":
+        handle = _with_its_job(handle)
     app.freeze()
     await app.startup()
     response = await handle(request(app))
-    assert response.status == 200, response.text
+    assert response.status == (202 if mode == "webhook" else 200), response.text
     best = float("inf")
     for _ in range(5):
         batch = [request(app) for _ in range(count)]
@@ -122,6 +154,18 @@ async def measure(served: Served, count: int) -> dict[str, float]:
             await handle(one)
         best = min(best, time.process_time() - began)
     return {"cpu_us": best / count * 1e6, **await churn(handle, [request(app) for _ in range(300)])}
+
+
+def _with_its_job(handle: Any) -> Any:
+    """`handle`, then a turn of the loop: the task's job runs (and the one before it is told
+    that its asyncio task has ended)."""
+
+    async def handled(one: Any) -> Any:
+        response = await handle(one)
+        await asyncio.sleep(0)
+        return response
+
+    return handled
 
 
 async def churn(handle: Any, batch: list[Any]) -> dict[str, float]:
@@ -162,12 +206,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--which", choices=["worker", "baseline"], default="worker")
+    parser.add_argument("--mode", choices=["sync", "webhook"], default="sync")
     args = parser.parse_args()
+    if args.mode == "webhook" and args.which == "baseline":
+        parser.error("--mode webhook measures the worker only")
     import uvloop
 
-    served = worker_app() if args.which == "worker" else baseline_app()
+    served = worker_app(args.mode) if args.which == "worker" else baseline_app()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        print(json.dumps(runner.run(measure(served, args.requests))))
+        print(json.dumps(runner.run(measure(served, args.requests, args.mode))))
 
 
 if __name__ == "__main__":
