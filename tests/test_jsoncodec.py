@@ -72,6 +72,18 @@ def test_nulls_are_answered(value: object) -> None:
     assert jsoncodec.dumps_answer(value).decode() == expected
 
 
+@pytest.mark.parametrize(
+    "value",
+    [{"success": True, "result": None}, {"task_id": "t", "result": None}, [None, "x", 1, True]],
+)
+def test_a_floatless_answer_is_written_alike_without_the_look_for_a_nan(value: object) -> None:
+    """A task's None result (sync answers, webhook bodies) skips the look through the answer:
+    holding no float, its null can only be a None."""
+    expected = json.dumps(value, separators=(",", ":"))
+    assert jsoncodec.dumps_answer(value, floatless=True).decode() == expected
+    assert jsoncodec.dumps_answer(value, floatless=True) == jsoncodec.dumps_answer(value)
+
+
 def test_answers_refuse_nesting_too_deep_for_the_standard_library() -> None:
     deep: list[object] = []
     for _ in range(100_000):

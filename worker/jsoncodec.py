@@ -102,9 +102,10 @@ if orjson is not None:
         | orjson.OPT_PASSTHROUGH_SUBCLASS
     )
 
-    def dumps_answer(body: Any) -> bytes:
+    def dumps_answer(body: Any, floatless: bool = False) -> bytes:
         """An answer as compact JSON (UTF-8); NotJSON when it holds values JSON cannot (NaN,
-        Infinity, other types) or is nested too deeply."""
+        Infinity, other types) or is nested too deeply. `floatless`: the caller knows `body`
+        holds no float at all, so a null written is a None (a task's None result)."""
         try:
             raw: bytes = orjson.dumps(body, option=_ANSWER_OPTIONS)
         except TypeError:  # also orjson.JSONEncodeError: big integers, other types, depth
@@ -113,7 +114,7 @@ if orjson is not None:
         # the standard library (a result of None, the usual webhook no-op, is looked at here).
         # (find, not `in`: on bytes, `in` first tries the operand as an integer, and raises
         # and clears a TypeError for every answer.)
-        if raw.find(b"null") >= 0 and _non_finite_in(body) is not False:
+        if not floatless and raw.find(b"null") >= 0 and _non_finite_in(body) is not False:
             return _dumps_compact(body)
         return raw
 
@@ -138,7 +139,7 @@ if orjson is not None:
     ENGINE = "orjson"
 else:  # pragma: no cover - depends on the installed extras
 
-    def dumps_answer(body: Any) -> bytes:
+    def dumps_answer(body: Any, floatless: bool = False) -> bytes:
         """An answer as compact JSON (UTF-8); NotJSON when it holds values JSON cannot (NaN,
         Infinity, other types) or is nested too deeply."""
         return _dumps_compact(body)

@@ -16,7 +16,8 @@ def result_response(result: TaskResult) -> web.Response:
     headers = {"X-Task-Id": result.task_id}
     if result.outcome is Outcome.SUCCEEDED:
         try:
-            raw = dumps_answer({"success": True, "result": result.value})
+            value = result.value
+            raw = dumps_answer({"success": True, "result": value}, floatless=value is None)
         except NotJSON as exc:
             return json_response({"success": False, "error": str(exc)}, 500, headers)
         return json_body(raw, 200, headers)

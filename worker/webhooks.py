@@ -104,7 +104,10 @@ def payload(spec: TaskSpec, result: TaskResult, limit: int) -> bytes:
     body: dict[str, Any] = {"task_id": spec.task_id, "function": spec.function.name}
     if result.outcome is Outcome.SUCCEEDED:
         try:
-            encoded = dumps_answer({**body, "success": True, "result": result.value})
+            value = result.value
+            encoded = dumps_answer(
+                {**body, "success": True, "result": value}, floatless=value is None
+            )
         except NotJSON as exc:
             error = str(exc)
         else:
