@@ -120,7 +120,9 @@ def _entry(row: tuple[Any, ...]) -> Entry:
 
 # The counts kept: a delivered row only waits for its retention.
 COUNTED: tuple[State, ...] = ("queued", "running", "done", "dead")
-ROWS = "rows"  # beside the states in the counts: the rows in the table, whatever their state
+# Beside the states in the counts, in memory only (its table starts empty, and only the memory
+# journal asks whether an id is a row's): the rows in the table, whatever their state.
+ROWS = "rows"
 ALL_STATES: tuple[State, ...] = ("done", "running", "queued", "dead", "delivered")
 
 
@@ -666,11 +668,11 @@ class Journal(Part):
             " WHERE state IN ('queued', 'running', 'done', 'dead') GROUP BY state"
         )
         self._counts = {state: n for state, n in rows}
-        self._counts[ROWS] = conn.execute("SELECT count(*) FROM tasks").fetchone()[0]
 
-    def _changed(self, state: str, by: int) -> None:
-        if by and (state in COUNTED or state == ROWS):
-            self._changes[state] = self._changes.get(state, 0) + by
+    def _changed(self, key: str, by: int) -> None:
+        """Count `by` more of a state, or of ROWS in memory, once the transaction commits."""
+        if by and (key in COUNTED or (key == ROWS and self.path is None)):
+            self._changes[key] = self._changes.get(key, 0) + by
 
     def _apply_changes(self) -> None:
         if self._changes:
