@@ -42,7 +42,6 @@ BODIES = {
         "webhook": {"url": "http://127.0.0.1:9/hook"},
     },
 }
-BODY = json.dumps(BODIES["sync"]).encode()
 KEY = "bench-key"
 
 
@@ -112,17 +111,17 @@ def baseline_app() -> Served:
     return app, app._handle
 
 
-def request(app: Any) -> Any:
+def request(app: Any, body: bytes) -> Any:
     from aiohttp import streams
     from aiohttp.test_utils import make_mocked_request
 
     payload = streams.StreamReader(_PROTOCOL, 2**16, loop=asyncio.get_running_loop())
-    payload.feed_data(BODY)
+    payload.feed_data(body)
     payload.feed_eof()
     headers = {
         "Authorization": KEY,
         "Content-Type": "application/json",
-        "Content-Length": str(len(BODY)),
+        "Content-Length": str(len(body)),
     }
     made = make_mocked_request("POST", "/task", headers, app=app, payload=payload)
     made._match_info = None  # as aiohttp's server makes it: not routed yet
@@ -135,25 +134,26 @@ _PROTOCOL: Any = None
 async def measure(served: Served, count: int, mode: str = "sync") -> dict[str, float]:
     from unittest import mock
 
-    global _PROTOCOL, BODY
+    global _PROTOCOL
     _PROTOCOL = mock.Mock(_reading_paused=False)
-    BODY = json.dumps(BODIES[mode]).encode()
+    body = json.dumps(BODIES[mode]).encode()
     app, handle = served
     if mode == "webhook":
         handle = _with_its_job(handle)
     app.freeze()
     await app.startup()
-    response = await handle(request(app))
+    response = await handle(request(app, body))
     assert response.status == (202 if mode == "webhook" else 200), response.text
     best = float("inf")
     for _ in range(5):
-        batch = [request(app) for _ in range(count)]
+        batch = [request(app, body) for _ in range(count)]
         gc.collect()
         began = time.process_time()
         for one in batch:
             await handle(one)
         best = min(best, time.process_time() - began)
-    return {"cpu_us": best / count * 1e6, **await churn(handle, [request(app) for _ in range(300)])}
+    figures = await churn(handle, [request(app, body) for _ in range(300)])
+    return {"cpu_us": best / count * 1e6, **figures}
 
 
 def _with_its_job(handle: Any) -> Any:
