@@ -132,6 +132,7 @@ class Server:
         self.loop = "asyncio"
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready_after = 0.0
+        self.ready_within = 15.0  # seconds from exec to READY=1 before the start fails
         self.log_path = tmp / f"{kind}-{self.port}.log"
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify_path = str(tmp / f"notify-{self.port}.sock")
@@ -180,9 +181,10 @@ class Server:
                 env=environ,
                 cwd=WORKER_SOURCE if self.kind == "worker" else ROOT,
             )
-        if not self._ready.wait(15):
+        if not self._ready.wait(self.ready_within):
             self.stop()
-            raise BenchError(f"{self.kind} sent no READY=1 within 15 s: {self.log_tail()}")
+            within = f"{self.ready_within:g}"
+            raise BenchError(f"{self.kind} sent no READY=1 within {within} s: {self.log_tail()}")
         self.ready_after = self._ready_at - began
         self.loop = loop if self.kind == "baseline" else self._worker_loop()
         return self.ready_after
