@@ -370,7 +370,7 @@ async def test_invalid_input_is_refused_before_any_slot_or_queue_place(worker_ap
     )
     await wait_for(lambda: runtime.slots.state().queue == 1)
     changes: list[SlotState] = []
-    unsubscribe = runtime.slots.subscribe(changes.append)
+    unsubscribe = runtime.slots.subscribe(lambda: changes.append(runtime.slots.state()))
     # Slot and queue are both full: a 503 here would mean admission came before validation.
     response = await post(client, task("typed", input={"text": 5}))
     await error_of(response, 400)

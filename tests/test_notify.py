@@ -281,7 +281,7 @@ async def test_without_systemd_the_status_line_does_not_even_listen(
     notify_socket: NotifySocket, slots: SlotManager, notifier_for: MakeNotifier
 ) -> None:
     changes: list[SlotState] = []
-    slots.subscribe(changes.append)
+    slots.subscribe(lambda: changes.append(slots.state()))
     line = StatusLine(notifier_for({}), slots)
     await line.start()
     try:

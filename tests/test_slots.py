@@ -116,7 +116,7 @@ async def test_resize_grants_waiters_and_shrinking_cancels_nothing() -> None:
 async def test_subscribers_see_every_change() -> None:
     slots = SlotManager(limit=2, max_queue=10)
     seen: list[SlotState] = []
-    unsubscribe = slots.subscribe(seen.append)
+    unsubscribe = slots.subscribe(lambda: seen.append(slots.state()))
     lease = await slots.admit(1).lease()
     lease.release()
     slots.hold("maintenance")

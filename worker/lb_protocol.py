@@ -133,9 +133,9 @@ class StatusFeed:
         self._sent_at = -math.inf
         self._unsubscribe: Callable[[], None] | None = slots.subscribe(self._on_change)
 
-    def _on_change(self, state: SlotState) -> None:
+    def _on_change(self) -> None:
         self._changed.set()
-        if state.status != self._sent_status:
+        if self._slots.status != self._sent_status:
             self._urgent.set()
 
     def poke(self) -> None:

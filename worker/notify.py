@@ -108,7 +108,7 @@ class StatusLine(Part):
             self._pending.cancel()
             self._pending = None
 
-    def _on_slots(self, state: SlotState) -> None:
+    def _on_slots(self) -> None:
         # Under load the slots change twice a task: the line is written when it is sent.
         if self._pending is not None:
             return

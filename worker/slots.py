@@ -24,7 +24,9 @@ from worker.parts import Part, Waiters
 Condition = Literal["draining", "starting", "maintenance", "degraded"]
 Status = Literal["ready", "draining", "starting", "maintenance", "degraded"]
 PRECEDENCE: tuple[Condition, ...] = ("draining", "starting", "maintenance", "degraded")
-Subscriber = Callable[["SlotState"], None]
+# Called after every change; reads `state()` or `status` when it needs them (most calls under
+# load find a message already due and need nothing: no snapshot is made for them).
+Subscriber = Callable[[], None]
 REFUSALS: dict[Status, str] = {
     "draining": "Worker is draining for shutdown",
     "starting": "Worker is starting",
@@ -34,9 +36,7 @@ REFUSALS: dict[Status, str] = {
 
 
 class SlotState(NamedTuple):
-    """A snapshot of the slots, as /health, the load balancer and systemd report it.
-
-    A NamedTuple: with systemd or a load balancer listening, one is made twice a task."""
+    """A snapshot of the slots, as /health, the load balancer and systemd report it."""
 
     status: Status
     used: int
@@ -153,7 +153,7 @@ class SlotManager(Part):
         return self._status
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
-        """Call `subscriber(state)` on every change; returns the function that unsubscribes."""
+        """Call `subscriber()` after every change; returns the function that unsubscribes."""
         self._subscribers.append(subscriber)
         return lambda: self._subscribers.remove(subscriber)
 
@@ -254,6 +254,5 @@ class SlotManager(Part):
         if self._idle.futures and self._used == 0 and self._queued == 0:
             self._idle.wake()
         if self._subscribers:
-            state = self.state()
             for subscriber in list(self._subscribers):
-                subscriber(state)
+                subscriber()
