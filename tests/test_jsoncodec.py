@@ -34,6 +34,19 @@ def test_log_serializer_uses_the_fallback_handler() -> None:
 
 @pytest.mark.parametrize(
     "value",
+    [{1: "int key", "s": {2.5: [None]}}, {"ok": 1, None: True}, {"set": {1, 2}, 3: "both"}],
+)
+def test_log_lines_with_keys_that_are_not_strings_are_written_as_json_writes_them(
+    value: dict[object, object],
+) -> None:
+    # With orjson: its compact text, the keys written as strings; without: the json module's.
+    separators = (",", ":") if jsoncodec.ENGINE == "orjson" else None
+    expected = json.dumps(value, default=repr, separators=separators)
+    assert jsoncodec.dumps_log(value, default=repr) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
     [{"a": [1, 2.5, "é", None, True]}, {"big": 2**70}, {1: "int key"}, "x" * 3, [[[]]] * 300],
 )
 def test_answers_are_the_standard_librarys_compact_json(value: object) -> None:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from tests.conftest import wait_for
@@ -22,7 +25,7 @@ from worker.outcomes import Outcome, Reason, verdict
 from worker.params import compile_params
 from worker.runner import Runner
 from worker.slots import SlotManager, SlotState
-from worker.tasks import Dispatcher, TaskResult, TaskSpec
+from worker.tasks import Dispatcher, TaskResult, TaskSpec, milliseconds
 
 
 def function(
@@ -448,3 +451,13 @@ async def test_wait_done_returns_only_when_the_last_job_has_ended_whoever_else_g
     await asyncio.wait_for(patient, 5)
     assert impatient.cancelled()
     assert dispatcher.in_flight == 0
+
+
+@hypothesis.given(st.floats(min_value=0.0, max_value=1e6, allow_nan=False))
+def test_summary_durations_are_rounded_as_round_rounds_them(seconds: float) -> None:
+    scaled = seconds * 100_000.0
+    near_a_half = abs(scaled - math.floor(scaled) - 0.5) < 1e-6 * max(1.0, scaled)
+    if near_a_half:
+        assert abs(milliseconds(seconds) - round(seconds * 1000, 2)) <= 0.0100001
+    else:
+        assert milliseconds(seconds) == round(seconds * 1000, 2)
