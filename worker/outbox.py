@@ -11,6 +11,7 @@ write sends what waits, then itself.
 from __future__ import annotations
 
 import asyncio
+from asyncio.constants import _SendfileMode
 from typing import Any
 
 KEEP_AT_MOST = 16 * 1024  # bytes one connection keeps for the end of the turn
@@ -133,8 +134,27 @@ class KeptTransport(asyncio.Transport):
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self._transport.set_write_buffer_limits(high, low)
 
-    def __getattr__(self, name: str) -> Any:
-        # The loop's own use of its transport (sendfile reaches its socket and buffers): what
-        # is kept goes first.
+    # asyncio's selector loop sends a file (FileResponse: the API docs' assets) on its
+    # transport's socket itself, through these names: what is kept goes first. They are named
+    # one by one: a class with __getattr__ makes every attribute read on its instances slower
+    # (aiohttp's and its own, some twenty a request), and none of them can be specialized.
+
+    @property
+    def _sendfile_compatible(self) -> Any:
+        return getattr(self._transport, "_sendfile_compatible", _SendfileMode.UNSUPPORTED)
+
+    @property
+    def _sock(self) -> Any:
         self.send()
-        return getattr(self._transport, name)
+        return getattr(self._transport, "_sock")  # noqa: B009 - private to asyncio's transport
+
+    @property
+    def _sock_fd(self) -> Any:
+        return getattr(self._transport, "_sock_fd")  # noqa: B009
+
+    def _make_empty_waiter(self) -> Any:
+        self.send()
+        return getattr(self._transport, "_make_empty_waiter")()  # noqa: B009
+
+    def _reset_empty_waiter(self) -> None:
+        getattr(self._transport, "_reset_empty_waiter")()  # noqa: B009
