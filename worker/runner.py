@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from worker.config import Config
 from worker.context import TaskContext
 from worker.functions import FunctionSpec
-from worker.outcomes import Outcome, Reason
+from worker.outcomes import FAILED, SUCCEEDED, TIMED_OUT, Outcome, Reason
 from worker.parts import Part
 
 
@@ -192,11 +192,7 @@ class Runner(Part):
         while True:
             attempt += 1
             result = await self._attempt(spec, params, ctx, timeout)
-            if (
-                result.outcome is not Outcome.FAILED
-                or attempt > spec.max_retries
-                or _output_began(ctx)
-            ):
+            if result.outcome is not FAILED or attempt > spec.max_retries or _output_began(ctx):
                 if attempt == 1:  # attempts is 1 already: no copy of the result
                     return result
                 return RunResult(
@@ -224,9 +220,9 @@ class Runner(Part):
                 call = spec.handler(params, ctx)
                 waiting_on = call.send(None)
             except StopIteration as done:
-                return RunResult(Outcome.SUCCEEDED, value=done.value)
+                return RunResult(SUCCEEDED, value=done.value)
             except Exception as exc:
-                return RunResult(Outcome.FAILED, error=_error_text(exc), failure=exc)
+                return RunResult(FAILED, error=_error_text(exc), failure=exc)
         task = asyncio.current_task()  # asked only now: on 3.11 it costs a getpid() call
         assert task is not None
         deadline = self._deadlines.start(seconds, task, began)
@@ -244,17 +240,17 @@ class Runner(Part):
                 raise
             overrun = thread if thread is not None and not thread.done() else None
             return RunResult(
-                Outcome.TIMED_OUT,
+                TIMED_OUT,
                 error=f"Function timed out after {seconds:g}s",
                 overrun=overrun,
                 reason=Reason.TIMEOUT,
             )
         except Exception as exc:
-            return RunResult(Outcome.FAILED, error=_error_text(exc), failure=exc)
+            return RunResult(FAILED, error=_error_text(exc), failure=exc)
         finally:
             self._deadlines.end(seconds, deadline)
             deadline.settle()
-        return RunResult(Outcome.SUCCEEDED, value=value)
+        return RunResult(SUCCEEDED, value=value)
 
     @staticmethod
     async def _drain_generator(spec: FunctionSpec, params: dict[str, Any], ctx: TaskContext) -> Any:

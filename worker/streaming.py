@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from worker.jsoncodec import NotJSON, dumps_result
-from worker.outcomes import Outcome, Reason
+from worker.outcomes import FAILED, SUCCEEDED, Reason
 from worker.server import on_hang_up
 from worker.sync import result_response
 from worker.tasks import Dispatcher, Job, TaskResult, TaskSpec
@@ -194,12 +194,12 @@ class StreamAnswer:
         if self.client_gone:
             self._stop_writing()
             return self.response
-        if result.outcome is Outcome.SUCCEEDED and result.value is not None:
+        if result.outcome is SUCCEEDED and result.value is not None:
             try:
                 chunk_text(result.value)
             except NotJSON as exc:
-                result = TaskResult(result.task_id, Outcome.FAILED, error=str(exc))
-        if result.outcome is Outcome.SUCCEEDED:
+                result = TaskResult(result.task_id, FAILED, error=str(exc))
+        if result.outcome is SUCCEEDED:
             try:
                 if result.value is not None:  # a streaming function that returned instead
                     await self(result.value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from worker.jsoncodec import NotJSON, dumps_answer
-from worker.outcomes import Outcome, verdict
+from worker.outcomes import SUCCEEDED, verdict
 from worker.responses import RETRY_AFTER, json_body, json_response
 from worker.server import on_hang_up
 from worker.tasks import Dispatcher, TaskResult, TaskSpec
@@ -14,7 +14,7 @@ from worker.tasks import Dispatcher, TaskResult, TaskSpec
 def result_response(result: TaskResult) -> web.Response:
     """The answer for a finished task (also a stream's answer when it failed silently)."""
     headers = {"X-Task-Id": result.task_id}
-    if result.outcome is Outcome.SUCCEEDED:
+    if result.outcome is SUCCEEDED:
         try:
             value = result.value
             raw = dumps_answer({"success": True, "result": value}, floatless=value is None)

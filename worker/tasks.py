@@ -24,7 +24,7 @@ import structlog
 from worker import logs
 from worker.context import Mode, StreamWriter, TaskContext
 from worker.functions import FunctionSpec
-from worker.outcomes import Outcome, Reason, reason_of, verdict
+from worker.outcomes import CANCELLED, FAILED, SUCCEEDED, Outcome, Reason, reason_of, verdict
 from worker.parts import Waiters
 from worker.runner import Runner, RunResult
 from worker.slots import Admission, Lease, SlotManager
@@ -241,7 +241,7 @@ class Dispatcher:
         its place, or the slot, and ends with the summary line _run would have written."""
         job.admission.abandon()
         reason = job.reason if job.reason is not None else Reason.SHUTDOWN
-        cancelled = RunResult(Outcome.CANCELLED, error=reason.value, reason=reason)
+        cancelled = RunResult(CANCELLED, error=reason.value, reason=reason)
         self._end(job, cancelled, time.monotonic() - job.accepted, 0.0)
 
     def _end(self, job: Job, result: RunResult, queue_wait: float, run_time: float) -> TaskResult:
@@ -284,7 +284,7 @@ class Dispatcher:
         lease = Lease(self.slots)
         job.running = True
         started = time.monotonic()
-        result = RunResult(Outcome.CANCELLED)
+        result = RunResult(CANCELLED)
         try:
             if job.on_start is not None:
                 job.on_start()
@@ -300,9 +300,9 @@ class Dispatcher:
             result = await self.runner.run(spec.function, spec.params, ctx)
         except asyncio.CancelledError as exc:
             reason = job.reason if job.reason is not None else reason_of(exc)
-            result = RunResult(Outcome.CANCELLED, error=reason.value, reason=reason)
+            result = RunResult(CANCELLED, error=reason.value, reason=reason)
         except Exception as exc:  # a bug here must not leave the task without an outcome
-            result = RunResult(Outcome.FAILED, error=f"internal error: {exc!r}")
+            result = RunResult(FAILED, error=f"internal error: {exc!r}")
         finally:
             if result.overrun is not None:
                 lease.release_when_done(result.overrun)
@@ -324,17 +324,13 @@ class Dispatcher:
         }
         if result.attempts > 1:
             fields["attempts"] = result.attempts
-        if result.outcome is not Outcome.SUCCEEDED:
+        if result.outcome is not SUCCEEDED:
             fields["error"] = result.error
         if result.failure is not None:
             # One field of the same event: journald and JSON readers keep it with its task.
             fields["traceback"] = "".join(traceback.format_exception(result.failure)).rstrip()
         logs.emit(meaning.level, "task", fields)
-        if (
-            result.outcome is Outcome.SUCCEEDED
-            and spec.function.log_result
-            and logs.enabled(logging.DEBUG)
-        ):
+        if result.outcome is SUCCEEDED and spec.function.log_result and logs.enabled(logging.DEBUG):
             _log.debug(
                 "task result",
                 task_id=spec.task_id,

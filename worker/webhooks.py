@@ -44,7 +44,7 @@ from worker.functions import Registry
 from worker.giveway import GiveWay
 from worker.journal import Entry, Journal, JournalUnavailable
 from worker.jsoncodec import NotJSON, dumps_answer
-from worker.outcomes import Outcome, Reason
+from worker.outcomes import SUCCEEDED, Reason
 from worker.parts import Part, Waiters
 from worker.responses import json_response
 from worker.targets import (
@@ -102,7 +102,7 @@ def payload(spec: TaskSpec, result: TaskResult, limit: int) -> bytes:
     """The body POSTed for a finished task, exactly as signed and sent: the result, or why it
     cannot be delivered (not JSON, or larger than `limit` bytes once encoded)."""
     body: dict[str, Any] = {"task_id": spec.task_id, "function": spec.function.name}
-    if result.outcome is Outcome.SUCCEEDED:
+    if result.outcome is SUCCEEDED:
         try:
             value = result.value
             encoded = dumps_answer(
