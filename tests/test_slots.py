@@ -143,4 +143,16 @@ def test_accepting_follows_the_status_and_the_drain_grace() -> None:
     seen.append(slots.accepting)
     slots.hold("maintenance", False)
     seen.append(slots.accepting)
-    assert seen == [True, False, True, False, False, True]
+    slots.hold("draining")  # the grace given before the drain began holds
+    seen.append(slots.accepting)
+    assert seen == [True, False, True, False, False, True, True]
+
+
+def test_subscribers_read_accepting_as_it_is_after_the_change() -> None:
+    slots = SlotManager(limit=2, max_queue=10)
+    seen: list[tuple[str, bool]] = []
+    slots.subscribe(lambda: seen.append((slots.status, slots.accepting)))
+    slots.hold("maintenance")
+    slots.hold("maintenance", False)
+    slots.hold("draining")
+    assert seen == [("maintenance", False), ("ready", True), ("draining", False)]
