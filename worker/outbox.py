@@ -11,7 +11,6 @@ write sends what waits, then itself.
 from __future__ import annotations
 
 import asyncio
-from asyncio.constants import _SendfileMode
 from typing import Any
 
 KEEP_AT_MOST = 16 * 1024  # bytes one connection keeps for the end of the turn
@@ -141,7 +140,7 @@ class KeptTransport(asyncio.Transport):
 
     @property
     def _sendfile_compatible(self) -> Any:
-        return getattr(self._transport, "_sendfile_compatible", _SendfileMode.UNSUPPORTED)
+        return getattr(self._transport, "_sendfile_compatible")  # noqa: B009
 
     @property
     def _sock(self) -> Any:

@@ -32,7 +32,6 @@ from worker.slots import Admission, Lease, SlotManager
 _log = structlog.get_logger("worker.tasks")
 
 
-# A result in the debug log: bounded in depth and size, whatever the function returned.
 def milliseconds(seconds: float) -> float:
     """A duration (not negative) in milliseconds to two places, as `round(seconds * 1000, 2)`
     gives it without formatting and parsing the number (round's way with places; the summary
@@ -41,6 +40,7 @@ def milliseconds(seconds: float) -> float:
     return int(seconds * 100_000.0 + 0.5) / 100.0
 
 
+# A result in the debug log: bounded in depth and size, whatever the function returned.
 _RESULT_REPR = reprlib.Repr()
 _RESULT_REPR.maxstring, _RESULT_REPR.maxother, _RESULT_REPR.maxlist = 200, 100, 20
 
