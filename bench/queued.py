@@ -44,13 +44,13 @@ async def until(slots: Any, predicate: Any, seconds: float = 30.0) -> None:
     """Return once the slots' state satisfies `predicate` (told of every change)."""
     reached = asyncio.Event()
 
-    def check(state: Any) -> None:
-        if predicate(state):
+    def check() -> None:
+        if predicate(slots.state()):
             reached.set()
 
     undo = slots.subscribe(check)
     try:
-        check(slots.state())
+        check()
         async with asyncio.timeout(seconds):
             await reached.wait()
     finally:
