@@ -32,7 +32,7 @@ STARTUP_SECONDS = 120.0  # a server's start under valgrind, counting off
 
 
 class Counted(run.Server):
-    """A bench server run under callgrind, counting only between `count_on` and `count_off`."""
+    """A bench server run under callgrind, counting only between `count_on` and `counted`."""
 
     def __init__(self, kind: str, tmp: Path) -> None:
         super().__init__(kind, tmp, slots=100)

@@ -130,18 +130,14 @@ if orjson is not None:
         """The log renderer's serializer (structlog passes `default=` for odd values). orjson's
         option for keys that are not strings costs every line a third more; it is taken only
         for a line that has such a key."""
-        text: str
         try:
-            text = orjson.dumps(value, default=default).decode()
+            return orjson.dumps(value, default=default).decode()
         except TypeError:
-            pass
-        else:
-            return text
+            pass  # a key that is not a string (or a value no option would write)
         try:
-            text = orjson.dumps(value, default=default, option=orjson.OPT_NON_STR_KEYS).decode()
+            return orjson.dumps(value, default=default, option=orjson.OPT_NON_STR_KEYS).decode()
         except TypeError:
             return json.dumps(value, default=default)
-        return text
 
     ENGINE = "orjson"
 else:  # pragma: no cover - depends on the installed extras
@@ -160,3 +156,9 @@ else:  # pragma: no cover - depends on the installed extras
         return json.dumps(value, default=default)
 
     ENGINE = "json"
+
+
+def dumps_success(value: Any, **head: Any) -> bytes:
+    """A finished task's answer or delivery body: `head`, then `"success": true` and the result
+    (`dumps_answer`). A None result holds no float, so its null needs no look for a NaN."""
+    return dumps_answer({**head, "success": True, "result": value}, floatless=value is None)

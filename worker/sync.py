@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from worker.jsoncodec import NotJSON, dumps_answer
+from worker.jsoncodec import NotJSON, dumps_success
 from worker.outcomes import SUCCEEDED, verdict
 from worker.responses import RETRY_AFTER, json_body, json_response
 from worker.server import on_hang_up
@@ -16,8 +16,7 @@ def result_response(result: TaskResult) -> web.Response:
     headers = {"X-Task-Id": result.task_id}
     if result.outcome is SUCCEEDED:
         try:
-            value = result.value
-            raw = dumps_answer({"success": True, "result": value}, floatless=value is None)
+            raw = dumps_success(result.value)
         except NotJSON as exc:
             return json_response({"success": False, "error": str(exc)}, 500, headers)
         return json_body(raw, 200, headers)

@@ -43,7 +43,7 @@ from worker.errors import BadRequest, Unavailable
 from worker.functions import Registry
 from worker.giveway import GiveWay
 from worker.journal import Entry, Journal, JournalUnavailable
-from worker.jsoncodec import NotJSON, dumps_answer
+from worker.jsoncodec import NotJSON, dumps_answer, dumps_success
 from worker.outcomes import SUCCEEDED, Reason
 from worker.parts import Part, Waiters
 from worker.responses import json_response
@@ -101,13 +101,9 @@ class Delivery:
 def payload(spec: TaskSpec, result: TaskResult, limit: int) -> bytes:
     """The body POSTed for a finished task, exactly as signed and sent: the result, or why it
     cannot be delivered (not JSON, or larger than `limit` bytes once encoded)."""
-    body: dict[str, Any] = {"task_id": spec.task_id, "function": spec.function.name}
     if result.outcome is SUCCEEDED:
         try:
-            value = result.value
-            encoded = dumps_answer(
-                {**body, "success": True, "result": value}, floatless=value is None
-            )
+            encoded = dumps_success(result.value, task_id=spec.task_id, function=spec.function.name)
         except NotJSON as exc:
             error = str(exc)
         else:
@@ -124,8 +120,9 @@ def payload(spec: TaskSpec, result: TaskResult, limit: int) -> bytes:
 
 def failure(task_id: str, function: str, error: str) -> bytes:
     """The body of a task whose result is not delivered, saying why."""
-    body = {"task_id": task_id, "function": function}
-    return dumps_answer({**body, "success": False, "error": error})
+    return dumps_answer(
+        {"task_id": task_id, "function": function, "success": False, "error": error}
+    )
 
 
 def signature(secret: str, body: bytes) -> str:
