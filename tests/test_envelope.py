@@ -3,10 +3,13 @@ hand-checked shortcut, the order of the checks, and task ids."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from marshmallow import ValidationError
 
 from tests.conftest import JSON_VALUES, TEST_FUNCTIONS
@@ -17,6 +20,7 @@ from worker.envelope import (
     new_task_id,
     parse_json,
     plain_envelope,
+    task_ids,
     validate_task,
 )
 from worker.errors import BadRequest, NotFound
@@ -340,3 +344,26 @@ def test_task_ids_are_version_4_uuids() -> None:
         assert str(parsed) == text
         assert parsed.version == 4
         assert parsed.variant == uuid.RFC_4122
+
+
+def test_a_forked_child_takes_no_id_its_parent_takes() -> None:
+    new_task_id()  # the parent now holds a batch of ids
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        os.write(write, new_task_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read, "rb") as pipe:
+        childs = pipe.read().decode()
+    assert uuid.UUID(childs).version == 4
+    assert childs != new_task_id()
+
+
+@given(st.binary(min_size=16, max_size=16 * 40))
+def test_task_ids_are_written_as_the_uuid_module_writes_them(random: bytes) -> None:
+    expected = [
+        str(uuid.UUID(bytes=random[i : i + 16], version=4)) for i in range(0, len(random) - 15, 16)
+    ]
+    assert task_ids(random) == expected
