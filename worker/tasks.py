@@ -284,7 +284,7 @@ class Dispatcher:
         lease = Lease(self.slots)
         job.running = True
         started = time.monotonic()
-        result = RunResult(CANCELLED)
+        result: RunResult | None = None
         try:
             if job.on_start is not None:
                 job.on_start()
@@ -304,7 +304,7 @@ class Dispatcher:
         except Exception as exc:  # a bug here must not leave the task without an outcome
             result = RunResult(FAILED, error=f"internal error: {exc!r}")
         finally:
-            if result.overrun is not None:
+            if result is not None and result.overrun is not None:
                 lease.release_when_done(result.overrun)
             else:
                 lease.release()
