@@ -240,7 +240,7 @@ class StreamMode:
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
 
-    async def __call__(self, request: web.Request, spec: TaskSpec) -> web.StreamResponse:
+    async def answer(self, request: web.Request, spec: TaskSpec) -> web.StreamResponse:
         stream = StreamAnswer(request, spec.task_id, wants_events(request))
         job = self._dispatcher.submit(spec, stream=stream)
         stream.job = job

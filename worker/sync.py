@@ -34,7 +34,7 @@ class SyncMode:
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
 
-    async def __call__(self, request: web.Request, spec: TaskSpec) -> web.StreamResponse:
+    async def answer(self, request: web.Request, spec: TaskSpec) -> web.StreamResponse:
         dispatcher = self._dispatcher
         if dispatcher.slots.free:
             return result_response(await dispatcher.run_here(spec))

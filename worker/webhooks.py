@@ -609,7 +609,7 @@ class WebhookMode(Part):
         self._registry = registry
         self._jobs: set[Job] = set()  # webhook tasks queued or running
 
-    async def __call__(self, request: web.Request, spec: TaskSpec) -> web.StreamResponse:
+    async def answer(self, request: web.Request, spec: TaskSpec) -> web.StreamResponse:
         key = idempotency_key(request.headers)
         self._deliveries.admit()
         # Once journaled the task runs, whether or not its client waits for the 202: the
