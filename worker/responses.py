@@ -13,10 +13,12 @@ JSON_TYPE = "application/json; charset=utf-8"
 
 
 def json_body(raw: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    """An answer whose compact JSON is already written (`jsoncodec.dumps_answer`)."""
-    headers = (
-        {"Content-Type": JSON_TYPE} if headers is None else {**headers, "Content-Type": JSON_TYPE}
-    )
+    """An answer whose compact JSON is already written (`jsoncodec.dumps_answer`). `headers`
+    is the caller's own dict, made for this answer: the content type is added to it."""
+    if headers is None:
+        headers = {"Content-Type": JSON_TYPE}
+    else:
+        headers["Content-Type"] = JSON_TYPE
     return web.Response(body=raw, status=status, headers=headers)
 
 
