@@ -146,7 +146,8 @@ class SlotManager(Part):
         self._queued = 0
         self._heap: list[Admission] = []
         self._seq = itertools.count()
-        self._subscribers: list[Subscriber] = []
+        # A tuple, replaced on (un)subscribe: a change calls each without copying the list.
+        self._subscribers: tuple[Subscriber, ...] = ()
         self._idle = Waiters()  # told when no slot is used and nothing is queued (a drain)
 
     def state(self) -> SlotState:
@@ -158,8 +159,14 @@ class SlotManager(Part):
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
         """Call `subscriber()` after every change; returns the function that unsubscribes."""
-        self._subscribers.append(subscriber)
-        return lambda: self._subscribers.remove(subscriber)
+        self._subscribers += (subscriber,)
+
+        def unsubscribe() -> None:
+            kept = list(self._subscribers)
+            kept.remove(subscriber)
+            self._subscribers = tuple(kept)
+
+        return unsubscribe
 
     @property
     def free(self) -> bool:
@@ -257,6 +264,5 @@ class SlotManager(Part):
     def _changed(self) -> None:
         if self._idle.futures and self._used == 0 and self._queued == 0:
             self._idle.wake()
-        if self._subscribers:
-            for subscriber in list(self._subscribers):
-                subscriber()
+        for subscriber in self._subscribers:
+            subscriber()
