@@ -7,11 +7,17 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+from prometheus_client import Histogram as PromHistogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import AUTH, AUTH_KEY, LB_KEY, Worker, task, wait_for
 from tests.test_webhooks import Start as ReceiverStart
 from tests.test_webhooks import receiver, webhook_config
+from worker.metrics import BUCKETS, Histogram
 
 __all__ = ["receiver"]  # the receiver fixture, shared with the webhook tests
 
@@ -121,3 +127,19 @@ async def test_webhook_deliveries_are_counted_by_outcome(
     assert deliveries[(("outcome", "retried"),)] == 2
     assert deliveries[(("outcome", "failed"),)] == 1
     assert (await scrape(client))["base_worker_webhook_pending"][()] == 0
+
+
+@given(st.lists(st.floats(min_value=0, max_value=20) | st.sampled_from(BUCKETS), max_size=30))
+def test_histogram_buckets_agree_with_prometheus_client(values: list[float]) -> None:
+    ours = Histogram()
+    theirs = PromHistogram("d", "d", buckets=BUCKETS, registry=CollectorRegistry())
+    for value in values:
+        ours.observe(value)
+        theirs.observe(value)
+    expected = {
+        sample.labels["le"]: sample.value
+        for sample in theirs.collect()[0].samples
+        if sample.name == "d_bucket"
+    }
+    assert dict(ours.buckets()) == expected
+    assert ours.sum == pytest.approx(sum(values))
