@@ -156,3 +156,19 @@ def test_subscribers_read_accepting_as_it_is_after_the_change() -> None:
     slots.hold("maintenance", False)
     slots.hold("draining")
     assert seen == [("maintenance", False), ("ready", True), ("draining", False)]
+
+
+async def test_a_held_slot_is_given_back_once_however_often_it_is_let_go() -> None:
+    slots = SlotManager(limit=2, max_queue=10)
+    first = slots.admit(1)
+    second = slots.admit(1)
+    queued = slots.admit(1)
+    assert (first.granted, second.granted, queued.granted) == (True, True, False)
+    first.release()
+    first.release()  # again: nothing more to give back
+    first.abandon()  # and its abandon after the release gives back nothing either
+    assert queued.granted
+    assert slots.state() == SlotState("ready", 2, 2, 0)
+    second.release()
+    queued.release()
+    assert slots.state() == SlotState("ready", 0, 2, 0)

@@ -56,31 +56,22 @@ class SlotState(NamedTuple):
         }
 
 
-class Lease:
-    """One held slot, given back exactly once."""
-
-    __slots__ = ("_manager", "_released")
-
-    def __init__(self, manager: SlotManager) -> None:
-        self._manager = manager
-        self._released = False
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._manager._release()
-
-    def release_when_done(self, work: concurrent.futures.Future[object]) -> None:
-        """Keep the slot until `work` (a thread that cannot be killed) really returns."""
-        loop = asyncio.get_running_loop()
-        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self.release))
-
-
 class Admission:
     """A place in line: already granted a slot, or queued for one. A queued place is told of
-    its slot by `on_grant` (a job starts its task only then), or waited for with `lease()`."""
+    its slot by `on_grant` (a job starts its task only then), or waited for with `lease()`.
+    Once granted it is the slot held, given back exactly once (`release`, or `abandon` when
+    it was never used). One object for both: a task made a second one for its slot."""
 
-    __slots__ = ("_future", "_manager", "abandoned", "granted", "on_grant", "priority", "seq")
+    __slots__ = (
+        "_future",
+        "_manager",
+        "_released",
+        "abandoned",
+        "granted",
+        "on_grant",
+        "priority",
+        "seq",
+    )
 
     def __init__(self, manager: SlotManager, priority: int, seq: int, granted: bool) -> None:
         self._manager = manager
@@ -90,6 +81,7 @@ class Admission:
         self.seq = seq
         self.on_grant: Callable[[], None] | None = None
         self._future: asyncio.Future[None] | None = None  # only while lease() waits
+        self._released = False
 
     def __lt__(self, other: Admission) -> bool:
         return (self.priority, self.seq) < (other.priority, other.seq)
@@ -99,8 +91,9 @@ class Admission:
         """True while queued for a slot."""
         return not self.granted and not self.abandoned
 
-    async def lease(self) -> Lease:
-        """Wait for the slot; cancelling this leaves the queue without ever taking one."""
+    async def lease(self) -> Admission:
+        """Wait for the slot (this admission, granted); cancelling this leaves the queue
+        without ever taking one."""
         if not self.granted:
             if self.abandoned:
                 raise asyncio.CancelledError
@@ -112,7 +105,18 @@ class Admission:
                 raise
             finally:
                 self._future = None
-        return Lease(self._manager)
+        return self
+
+    def release(self) -> None:
+        """Give the granted slot back (once; again is a no-op)."""
+        if not self._released:
+            self._released = True
+            self._manager._release()
+
+    def release_when_done(self, work: concurrent.futures.Future[object]) -> None:
+        """Keep the slot until `work` (a thread that cannot be killed) really returns."""
+        loop = asyncio.get_running_loop()
+        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self.release))
 
     def abandon(self) -> None:
         """Give up this place: leave the queue, or give back a slot granted but never used."""
@@ -236,7 +240,7 @@ class SlotManager(Part):
         admission.abandoned = True
         if admission.granted:
             # The slot was handed over just as the waiter was cancelled: pass it on.
-            self._release()
+            admission.release()
             return
         if admission._future is not None:
             admission._future.cancel()

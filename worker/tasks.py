@@ -27,7 +27,7 @@ from worker.functions import FunctionSpec
 from worker.outcomes import CANCELLED, FAILED, SUCCEEDED, Outcome, Reason, reason_of, verdict
 from worker.parts import Waiters
 from worker.runner import Runner, RunResult
-from worker.slots import Admission, Lease, SlotManager
+from worker.slots import Admission, SlotManager
 
 _log = structlog.get_logger("worker.tasks")
 
@@ -281,7 +281,7 @@ class Dispatcher:
     async def _run(self, job: Job) -> TaskResult:
         """Run a job that holds its slot, and end it."""
         spec = job.spec
-        lease = Lease(self.slots)
+        held = job.admission  # granted: the slot this job holds
         job.running = True
         started = time.monotonic()
         result: RunResult | None = None
@@ -305,9 +305,9 @@ class Dispatcher:
             result = RunResult(FAILED, error=f"internal error: {exc!r}")
         finally:
             if result is not None and result.overrun is not None:
-                lease.release_when_done(result.overrun)
+                held.release_when_done(result.overrun)
             else:
-                lease.release()
+                held.release()
         return self._end(job, result, started - job.accepted, time.monotonic() - started)
 
     @staticmethod
