@@ -114,12 +114,16 @@ async def _answer_and_close(request: web.Request, response: web.Response) -> Non
 
 
 async def _read_body(request: web.Request, limit: int, body_timeout: float) -> bytes:
-    length = request.content_length
-    if length is not None and length > limit:
-        raise _too_large(limit)
+    """The body, at most `limit` bytes (the application's client_max_size: both are
+    `http.max_body_size`, which takes a restart), within `body_timeout`."""
     try:
-        if request.content.is_eof():  # the whole body came with the head: nothing to time
+        if request.content.is_eof():
+            # The whole body came with the head: nothing to time, and read() refuses it past
+            # the limit as the length's check below would, without reading the header.
             return await request.read()
+        length = request.content_length
+        if length is not None and length > limit:
+            raise _too_large(limit)
         async with asyncio.timeout(body_timeout):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
