@@ -224,14 +224,15 @@ class Api(Part):
         task = self._task_route
         assert task is not None, "app() builds the routes first"
 
-        async def serve(request: web.Request) -> web.StreamResponse:
+        def serve(request: web.Request) -> Awaitable[web.StreamResponse]:
+            # Not a coroutine itself: it hands on the handler's, one await less a request.
             if (
                 request.method == "POST"
                 and request.path == "/task"
                 and EXPECT not in request.headers
             ):
-                return await task(request)
-            return await routed(request)
+                return task(request)
+            return routed(request)
 
         return serve
 
