@@ -13,8 +13,8 @@ LB_HEADER = "x-lb-auth"
 
 def _offered(value: str) -> str:
     value = value.strip()
-    # The seventh character first: most values are a bare key, and slicing and lowering the
-    # first seven for each request costs more than the rest of the check.
+    # The seventh character first: a bare key, the usual value, is then told apart without
+    # slicing and lowering the first seven characters of every request's header.
     if value[6:7] == " " and value[:6].lower() == "bearer":
         return value[7:].strip()
     return value

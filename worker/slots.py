@@ -60,7 +60,7 @@ class Admission:
     """A place in line: already granted a slot, or queued for one. A queued place is told of
     its slot by `on_grant` (a job starts its task only then), or waited for with `lease()`.
     Once granted it is the slot held, given back exactly once (`release`, or `abandon` when
-    it was never used). One object for both: a task made a second one for its slot."""
+    it was never used). One object for both, so a task makes no second one for its slot."""
 
     __slots__ = (
         "_future",

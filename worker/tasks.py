@@ -189,7 +189,7 @@ class Dispatcher:
 
     @property
     def counts(self) -> Counter[Outcome]:
-        """How many tasks have ended, by outcome."""
+        """How many tasks have ended, by outcome (a copy)."""
         return Counter(self._counts)
 
     @property
