@@ -151,6 +151,7 @@ def build(
         services=services.describe,
         pending_deliveries=lambda: worker.deliveries.pending,
         dead_letters=lambda: worker.journal.dead_count,
+        tasks_ended=lambda: worker.dispatcher.ended,
     )
     dispatcher = Dispatcher(slots, runner, services.values, metrics.task_ended)
     state_dir = cfg.worker.state_dir

@@ -24,7 +24,6 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from worker.outcomes import Outcome
 from worker.parts import Part
 from worker.slots import PRECEDENCE, SlotManager
 from worker.tasks import TaskResult, TaskSpec
@@ -75,18 +74,20 @@ class Metrics(Part, Collector):
         services: Reading,
         pending_deliveries: Reading,
         dead_letters: Reading,
+        tasks_ended: Reading,
     ) -> None:
         self._slots = slots
         self._links = links  # the loadBalancer /health section
         self._services = services  # [{"name", "state", "status"}]
         self._pending = pending_deliveries
         self._dead_letters = dead_letters
-        # Plain dicts (`tasks` and `requests` read them as Counters): adding to a Counter, a
-        # dict subclass, costs twice a dict's 1,200 instructions on 3.11. The outcome as its
-        # member: Enum's `.value` is a Python property, read at a scrape.
-        self._tasks: dict[tuple[str, str, Outcome], int] = {}
+        # The dispatcher's count of tasks ended, by function, mode and outcome (the outcome as
+        # its member: Enum's `.value` is a Python property, read at a scrape).
+        self._tasks_ended = tasks_ended
         self.durations: dict[str, Histogram] = {}
         self.queue_wait = Histogram()
+        # A plain dict (`requests` reads it as a Counter): adding to a Counter, a dict
+        # subclass, costs twice a dict's 1,200 instructions on 3.11.
         self._requests: dict[tuple[str, int], int] = {}
         self.deliveries: Counter[str] = Counter()
         self.registry = CollectorRegistry(auto_describe=False)
@@ -98,10 +99,8 @@ class Metrics(Part, Collector):
     # (The slots are read at a scrape: a subscriber would cost every task two SlotStates.)
 
     def task_ended(self, spec: TaskSpec, result: TaskResult) -> None:
-        """From the task outcome path: one task, counted and timed."""
+        """From the task outcome path: one task timed (the dispatcher counts it)."""
         function = spec.function.name
-        key = (function, spec.mode, result.outcome)
-        self._tasks[key] = self._tasks.get(key, 0) + 1
         duration = self.durations.get(function)
         if duration is None:
             duration = self.durations[function] = Histogram()
@@ -111,11 +110,6 @@ class Metrics(Part, Collector):
     def request_answered(self, route: str, status: int) -> None:
         key = (route, status)
         self._requests[key] = self._requests.get(key, 0) + 1
-
-    @property
-    def tasks(self) -> Counter[tuple[str, str, Outcome]]:
-        """Tasks ended, by function, mode and outcome (a copy)."""
-        return Counter(self._tasks)
 
     @property
     def requests(self) -> Counter[tuple[str, int]]:
@@ -137,7 +131,7 @@ class Metrics(Part, Collector):
         tasks = CounterMetricFamily(
             "base_worker_tasks", "Tasks ended, by outcome.", labels=("function", "mode", "outcome")
         )
-        named = sorted(((f, m, o.value), count) for (f, m, o), count in self._tasks.items())
+        named = sorted(((f, m, o.value), count) for (f, m, o), count in self._tasks_ended().items())
         for labels, count in named:
             tasks.add_metric(labels, count)
         yield tasks

@@ -181,16 +181,20 @@ class Dispatcher:
         self.services = MappingProxyType(services if services is not None else {})
         # Told of every outcome, right after the summary line (the metrics).
         self.on_outcome = on_outcome
-        # A plain dict: adding to a Counter costs twice as much on 3.11 (`counts` makes one).
-        self._counts: dict[Outcome, int] = {}
+        # Tasks ended, by function, mode and outcome; /metrics exports it. A plain dict:
+        # adding to a Counter costs twice as much on 3.11.
+        self.ended: dict[tuple[str, Mode, Outcome], int] = {}
         self._jobs: set[Job] = set()
         self._done = Waiters()  # told when no job is left in flight (a drain)
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop run_here last ran on
 
     @property
     def counts(self) -> Counter[Outcome]:
-        """How many tasks have ended, by outcome (a copy)."""
-        return Counter(self._counts)
+        """How many tasks have ended, by outcome."""
+        counts: Counter[Outcome] = Counter()
+        for (_, _, outcome), count in self.ended.items():
+            counts[outcome] += count
+        return counts
 
     @property
     def in_flight(self) -> int:
@@ -253,7 +257,8 @@ class Dispatcher:
     def _end(self, job: Job, result: RunResult, queue_wait: float, run_time: float) -> TaskResult:
         """Count the outcome, write the summary line, tell whoever waits; the job is done."""
         spec = job.spec
-        self._counts[result.outcome] = self._counts.get(result.outcome, 0) + 1
+        key = (spec.function.name, spec.mode, result.outcome)
+        self.ended[key] = self.ended.get(key, 0) + 1
         self._log_summary(spec, result, queue_wait, run_time)
         outcome = TaskResult(
             spec.task_id,
