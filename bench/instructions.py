@@ -94,7 +94,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="counted wrk run per server")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--worker-source", type=Path, help="the `worker` of this checkout")
+    parser.add_argument(
+        "--worker-source", type=Path, help="measure the `worker` of this checkout (its root)"
+    )
     args = parser.parse_args()
     missing = [tool for tool in ("valgrind", "callgrind_control", "wrk") if not shutil.which(tool)]
     if missing:
