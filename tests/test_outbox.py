@@ -142,6 +142,18 @@ async def test_close_sends_what_waits_before_closing() -> None:
         assert await read_exactly(client, 1) == b""  # then the end of the connection
 
 
+async def test_abort_sends_what_was_written_before_it() -> None:
+    """A failed stream aborts its connection in the turn that wrote its last chunk; the chunk
+    was lost with it, where the socket's own transport would have sent it at once."""
+    outbox = Outbox(asyncio.get_running_loop())
+    async with connected(outbox) as (kept, out, client):
+        kept.write(b"first\n")
+        kept.abort()
+        assert out.writes == [b"first\n"]
+        assert await read_exactly(client, 6) == b"first\n"
+        assert await read_exactly(client, 1) == b""  # then the end of the connection
+
+
 async def test_the_loops_sendfile_sends_what_waits_first(tmp_path: Path) -> None:
     loop = asyncio.get_running_loop()
     outbox = Outbox(loop)

@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from types import ModuleType
+from typing import Any
 
 import aiohttp
 import pytest
@@ -200,6 +201,65 @@ async def test_a_queued_stream_whose_client_hangs_up_leaves_the_queue(
     assert runtime.slots.state().used == 0
     async with client.post("/task", json=task("hello"), headers=AUTH) as resp:
         assert resp.status == 200
+
+
+async def test_a_stream_with_a_slot_free_runs_in_its_requests_task(
+    worker_app: StartWorker,
+) -> None:
+    """As in sync, no task of its own: only a stream that must queue gets one."""
+    client, runtime = await worker_app(worker={"slots": 1})
+    testing = functions_of(runtime)
+    loop = asyncio.get_running_loop()
+    job_tasks: list[str] = []
+    factory = loop.get_task_factory()
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        if getattr(coro, "__qualname__", "") == "Dispatcher._run":
+            job_tasks.append(coro.cr_frame.f_locals["job"].spec.function.name)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop.set_task_factory(counting)
+    try:
+        holder = task("stream_until_gone", mode="stream", input={"gate": "in-task"})
+        held = await client.post("/task", json=holder, headers=AUTH)
+        assert await held.content.readline() == b"first\n"
+        assert job_tasks == []
+        queued = asyncio.ensure_future(
+            client.post("/task", json=task("hello", mode="stream"), headers=AUTH)
+        )
+        await wait_for(lambda: runtime.slots.state().queue == 1)
+        held.close()
+        testing.gate("in-task").set()
+        async with await queued as resp:
+            assert await resp.text() == "Hello World!"
+        assert job_tasks == ["hello"]
+    finally:
+        loop.set_task_factory(factory)
+    await wait_for(lambda: runtime.dispatcher.in_flight == 0)
+    assert runtime.dispatcher.counts == {Outcome.CANCELLED: 1, Outcome.SUCCEEDED: 1}
+
+
+async def test_the_shutdown_cancels_a_running_stream_and_the_worker_serves_on(
+    worker_app: StartWorker,
+) -> None:
+    client, runtime = await worker_app(worker={"slots": 1})
+    events = task("stream_until_gone", mode="stream", input={"gate": "shutdown-sse"})
+    async with client.post("/task", json=events, headers=SSE) as resp:
+        assert await resp.content.readline() == b"data: first\n"
+        assert runtime.dispatcher.cancel_all() == 1
+        text = (await resp.read()).decode()
+    error = json.loads(text.split("event: error\ndata: ", 1)[1])
+    assert error["error"] == "Task cancelled: the worker is shutting down"
+    plain = task("stream_until_gone", mode="stream", input={"gate": "shutdown-plain"})
+    async with client.post("/task", json=plain, headers=AUTH) as resp:
+        assert await resp.content.readline() == b"first\n"
+        assert runtime.dispatcher.cancel_all() == 1
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()  # no clean end: never mistaken for a complete stream
+    assert runtime.dispatcher.counts == {Outcome.CANCELLED: 2}
+    assert runtime.slots.state().used == 0
+    async with client.post("/task", json=task("hello", mode="stream"), headers=AUTH) as resp:
+        assert await resp.text() == "Hello World!"
 
 
 async def test_a_reader_that_stops_reading_makes_the_function_wait(

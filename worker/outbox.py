@@ -97,7 +97,9 @@ class KeptTransport(asyncio.Transport):
         self._transport.write_eof()
 
     def abort(self) -> None:
-        self._kept, self._size = None, 0
+        # What was written goes out first, as from the socket's own transport, which hands a
+        # write to the socket at once (a stream that fails aborts in the turn it wrote).
+        self.send()
         self._transport.abort()
 
     def can_write_eof(self) -> bool:

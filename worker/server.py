@@ -148,6 +148,12 @@ class Edge:
         self._warned_counts = (self.evicted, self.refused)
 
 
+def connected(request: BaseRequest) -> bool:
+    """True while the request's client is still connected."""
+    transport = request.transport
+    return transport is not None and not transport.is_closing()
+
+
 def on_hang_up(request: BaseRequest, callback: Callable[[], None]) -> Callable[[], None]:
     """Call `callback` once if the client's connection is lost before the returned undo is
     called (at once if it is lost already).

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from worker.jsoncodec import NotJSON, dumps_result
 from worker.outcomes import FAILED, SUCCEEDED, Reason
-from worker.server import on_hang_up
+from worker.server import connected, on_hang_up
 from worker.sync import result_response
 from worker.tasks import Dispatcher, Job, TaskResult, TaskSpec
 
@@ -242,8 +242,19 @@ class StreamMode:
 
     async def answer(self, request: web.Request, spec: TaskSpec) -> web.StreamResponse:
         stream = StreamAnswer(request, spec.task_id, wants_events(request))
-        job = self._dispatcher.submit(spec, stream=stream)
-        stream.job = job
+        dispatcher = self._dispatcher
+        # With a slot free, the task runs in this request's task, as in sync. Its client is
+        # checked first: a hang-up seen now would cancel the running task itself, which on
+        # Python 3.11 cannot be taken back once the task has stopped.
+        if dispatcher.slots.free and connected(request):
+            job = stream.job = dispatcher.take_here(spec, stream)
+            undo = on_hang_up(request, lambda: job.cancel(Reason.CLIENT_GONE_STREAMING))
+            try:
+                result = await dispatcher.run_here(job)
+            finally:
+                undo()
+            return await stream.finish(result)
+        job = stream.job = dispatcher.submit(spec, stream=stream)
         # Unlike sync, a stream stops with its client, queued or running.
         undo = on_hang_up(request, lambda: job.cancel(Reason.CLIENT_GONE_STREAMING))
         try:

@@ -1,9 +1,9 @@
 """Accepted tasks: from a place in the queue, through a slot, to a recorded outcome.
 
 Each accepted task is a job owned here. A queued job is only its place in line; given a slot it
-runs in its own asyncio task (or, in mode sync with a slot free, in its request's). A client
-that hangs up while its task runs does not stop the task, and the outcome is still counted and
-logged. One summary line per task is written here and nowhere else.
+runs in its own asyncio task (or, in mode sync or stream with a slot free, in its request's).
+A client that hangs up while its sync task runs does not stop the task (a stream stops), and
+the outcome is still counted and logged. One summary line per task is written here and nowhere else.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class Job:
         self.running = False
         self.reason: Reason | None = None  # why it was cancelled, once it was
         # The task it runs in, once it has a slot: its own (`submit`), or its request's
-        # (`run_here`).
+        # (`take_here`).
         self.task: asyncio.Task[Any] | None = None
         self.outcome: TaskResult | None = None  # set once, when it has ended
         self.on_end: list[Callable[[Job], None]] = []  # told once it has ended
@@ -186,7 +186,7 @@ class Dispatcher:
         self.ended: dict[tuple[str, Mode, Outcome], int] = {}
         self._jobs: set[Job] = set()
         self._done = Waiters()  # told when no job is left in flight (a drain)
-        self._loop: asyncio.AbstractEventLoop | None = None  # the loop run_here last ran on
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop take_here last ran on
 
     @property
     def counts(self) -> Counter[Outcome]:
@@ -217,19 +217,25 @@ class Dispatcher:
             job.admission.on_grant = job.start
         return job
 
-    async def run_here(self, spec: TaskSpec) -> TaskResult:
-        """Run a task in the calling task (mode sync: its request's own), for a caller that saw
-        `slots.free`; only the shutdown cancels it.
+    def take_here(self, spec: TaskSpec, stream: StreamWriter | None = None) -> Job:
+        """The job of a task that takes a free slot now and runs in the calling task (its
+        request's own), for a caller that saw `slots.free`; `run_here` runs it, at once.
 
         No second task, future or shield: the request's handler is not cancelled when its
-        client hangs up (worker/server.py), so the task runs to completion where it is."""
-        job = Job(self, spec, self.slots.admit(spec.priority))
-        assert job.admission.granted, "run_here is for a task with a slot free"
-        job.task = task = self._current_task()
+        client hangs up (worker/server.py). A sync task runs to completion where it is; a
+        stream is cancelled through its job (`Job.cancel`), which cancels the calling task."""
+        job = Job(self, spec, self.slots.admit(spec.priority), stream)
+        assert job.admission.granted, "take_here is for a task with a slot free"
+        job.task = self._current_task()
         self._jobs.add(job)
+        return job
+
+    async def run_here(self, job: Job) -> TaskResult:
+        """Run a job from `take_here` in the task that took it; it ends there."""
         result = await self._run(job)
-        if result.reason is not None and job.reason is not None:
-            task.uncancel()  # the cancel was ours, and _run has answered it
+        task = job.task
+        if result.reason is not None and job.reason is not None and task is not None:
+            task.uncancel()  # the cancel was ours (Job.cancel), and _run has answered it
         return result
 
     def _current_task(self) -> asyncio.Task[Any]:
