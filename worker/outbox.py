@@ -63,7 +63,8 @@ class KeptTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         size = len(data)
         if self._size + size > KEEP_AT_MOST:
-            self.send()
+            if self._kept is not None:
+                self.send()
             self._transport.write(data)
             return
         if self._kept is None:
