@@ -7,13 +7,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import http_writer
+from aiohttp.base_protocol import BaseProtocol
 
-from worker.outbox import KEEP_AT_MOST, KeptTransport, Outbox
+from worker.outbox import KEEP_AT_MOST, KeptTransport, Outbox, pass_pieces_on
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -36,18 +40,25 @@ class Writes(asyncio.Protocol):
 
 
 class Counted:
-    """A real transport that counts the writes it is given (the outbox's only way out)."""
+    """A real transport that counts the writes it is given (the outbox's only way out), and
+    keeps what it was handed as pieces (`writelines`), as handed."""
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         self.writes: list[bytes] = []
-        original = transport.write
+        self.pieces: list[list[Any]] = []
+        original, original_lines = transport.write, transport.writelines
 
         def write(data: bytes | bytearray | memoryview) -> None:
             self.writes.append(bytes(data))
             original(data)
 
+        def writelines(pieces: Any) -> None:
+            self.pieces.append(list(pieces))
+            original_lines(pieces)
+
         transport.write = write  # type: ignore[method-assign]
+        transport.writelines = writelines  # type: ignore[method-assign]
 
 
 @contextlib.asynccontextmanager
@@ -152,6 +163,69 @@ async def test_abort_sends_what_was_written_before_it() -> None:
         assert out.writes == [b"first\n"]
         assert await read_exactly(client, 6) == b"first\n"
         assert await read_exactly(client, 1) == b""  # then the end of the connection
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="from 3.12 on, aiohttp's own choice")
+async def test_a_streamed_chunk_reaches_the_sockets_transport_uncopied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiohttp's chunked body writer hands a chunk and its frame on as pieces, through the
+    outbox, the chunk itself (not a copy) among them; the client reads the framed chunk."""
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(http_writer, "SKIP_WRITELINES", True)  # aiohttp's choice on 3.11
+    assert pass_pieces_on() is True
+    assert http_writer.SKIP_WRITELINES is False
+    assert pass_pieces_on() is False  # once is enough
+    async with connected(Outbox(loop)) as (kept, out, client):
+        protocol = BaseProtocol(loop)
+        protocol.transport = kept
+        writer = http_writer.StreamWriter(protocol, loop)
+        writer.enable_chunking()
+        chunk = b"x" * 65536
+        await writer.write(chunk)
+        assert out.pieces == [[b"10000\r\n", chunk, b"\r\n"]]
+        assert out.pieces[0][1] is chunk
+        framed = b"10000\r\n" + chunk + b"\r\n"
+        assert await read_exactly(client, len(framed)) == framed
+
+
+def test_pieces_leave_whole_and_in_order_through_uvloops_writev() -> None:
+    """uvloop sends pieces with one writev, not joined: what was kept goes first, then each
+    piece in order. (Its transports cannot be counted: their methods are read-only.)"""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def pieces_through_the_outbox() -> None:
+        loop = asyncio.get_running_loop()
+        server_side, client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.setblocking(False)
+        transport, _ = await loop.connect_accepted_socket(Writes, server_side)
+        try:
+            kept = Outbox(loop).wrap(transport)
+            chunk = b"y" * 65536
+            kept.write(b"kept ")
+            kept.writelines((b"10000\r\n", chunk, b"\r\n"))
+            expected = b"kept 10000\r\n" + chunk + b"\r\n"
+            assert await read_exactly(client, len(expected)) == expected
+        finally:
+            transport.close()
+            client.close()
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(pieces_through_the_outbox())
+    finally:
+        loop.close()
+
+
+def test_pass_pieces_on_leaves_later_pythons_and_other_aiohttps_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http_writer, "SKIP_WRITELINES", False)  # as aiohttp sets it on 3.12.9+
+    assert pass_pieces_on() is False
+    assert http_writer.SKIP_WRITELINES is False
+    monkeypatch.delattr(http_writer, "SKIP_WRITELINES")  # an aiohttp without the flag
+    assert pass_pieces_on() is False
+    assert not hasattr(http_writer, "SKIP_WRITELINES")
 
 
 async def test_the_loops_sendfile_sends_what_waits_first(tmp_path: Path) -> None:

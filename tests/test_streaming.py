@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import http_writer
 from aiohttp.test_utils import make_mocked_request
 from hypothesis import given
 from hypothesis import strategies as st
@@ -260,6 +261,18 @@ async def test_the_shutdown_cancels_a_running_stream_and_the_worker_serves_on(
     assert runtime.slots.state().used == 0
     async with client.post("/task", json=task("hello", mode="stream"), headers=AUTH) as resp:
         assert await resp.text() == "Hello World!"
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="from 3.12 on, aiohttp's own choice")
+async def test_the_listener_has_aiohttp_pass_a_chunk_and_its_frame_on_unjoined(
+    worker_app: StartWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http_writer, "SKIP_WRITELINES", True)  # aiohttp's choice on 3.11
+    client, _ = await worker_app()
+    assert http_writer.SKIP_WRITELINES is False
+    body = task("stream_bulk", mode="stream", input={"key": "pieces", "chunks": 64})
+    async with client.post("/task", json=body, headers=AUTH) as resp:
+        assert await resp.read() == b"x" * 65536 * 64
 
 
 async def test_a_reader_that_stops_reading_makes_the_function_wait(

@@ -11,9 +11,30 @@ write sends what waits, then itself.
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
+from aiohttp import http_writer
+
 KEEP_AT_MOST = 16 * 1024  # bytes one connection keeps for the end of the turn
+
+
+def pass_pieces_on() -> bool:
+    """Have aiohttp hand a body chunk and its chunked-encoding frame to the transport as pieces
+    (`writelines`) on Python 3.11, as it does itself from 3.12.9, instead of first joining them
+    into a copy of the chunk. True when that changed aiohttp's choice.
+
+    aiohttp joins the pieces on any Python before 3.12.9 (its `SKIP_WRITELINES`): from 3.12.0
+    to 3.12.8 asyncio's own `writelines` did not respect the write buffer's limit
+    (CVE-2024-12254), and before 3.12 it joined the pieces itself, so passing them saved
+    nothing. On 3.11 asyncio's `writelines` is still that join, while uvloop's sends the pieces
+    with one `writev`: a stream's 64 KiB chunk is copied once less (docs/performance.md, issue
+    14's twelfth pass). Later Pythons are left to aiohttp. The flag is aiohttp's own, not its
+    API: without it (another aiohttp), nothing changes and the pieces are joined as before."""
+    if sys.version_info >= (3, 12) or getattr(http_writer, "SKIP_WRITELINES", None) is not True:
+        return False
+    http_writer.SKIP_WRITELINES = False
+    return True
 
 
 class Outbox:
@@ -75,9 +96,14 @@ class KeptTransport(asyncio.Transport):
         self._size += size
 
     def writelines(self, list_of_data: Any) -> None:
-        chunks = list(list_of_data)
-        if self._size + sum(map(len, chunks)) > KEEP_AT_MOST:
-            self.send()
+        # aiohttp hands a tuple: a chunk with its frame (pass_pieces_on), or a head and a body.
+        chunks = list_of_data if type(list_of_data) is tuple else tuple(list_of_data)
+        size = self._size
+        for data in chunks:
+            size += len(data)
+        if size > KEEP_AT_MOST:
+            if self._kept is not None:
+                self.send()
             self._transport.writelines(chunks)  # a stream's chunk: not joined into a copy
         else:
             self.write(b"".join(chunks))

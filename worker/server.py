@@ -26,7 +26,7 @@ from aiohttp.web_request import BaseRequest
 from yarl import URL
 
 from worker.config import Config
-from worker.outbox import Outbox
+from worker.outbox import Outbox, pass_pieces_on
 from worker.parts import Part
 
 # A route's handler, and what the listener calls per request (the application's request
@@ -363,6 +363,7 @@ class HttpServer(Part):
         # Read by each connection's handler when it is made: set before the first one is.
         routed = cast(Handler, runner.server.request_handler)
         runner.server.request_handler = cast(Any, self._entry(routed))
+        pass_pieces_on()  # a stream's chunk and its frame reach the outbox unjoined
         edge = Edge(runner.server, http.header_timeout, bound, Outbox(asyncio.get_running_loop()))
         if self._inherited:
             sites = [_EdgeSite(runner, edge, sock=sock) for sock in self._inherited]
