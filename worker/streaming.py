@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from worker.jsoncodec import NotJSON, dumps_result
 from worker.outcomes import FAILED, SUCCEEDED, Reason
@@ -87,7 +88,9 @@ class StreamAnswer:
         self.job: Job | None = None
         self.client_gone = False
         self._opening = asyncio.Lock()  # only until the headers are out: see _open
-        self._opened = False
+        # The response's body writer once it is open (what `prepare` returns): chunks go to it
+        # directly, past StreamResponse.write's checks of what this object already knows.
+        self._body: AbstractStreamWriter | None = None
         self._ended = False
         self._pending: list[bytes] = []
         self._pending_size = 0
@@ -125,8 +128,12 @@ class StreamAnswer:
             raise RuntimeError("the stream has ended: no chunk can follow")
         # Plain text, the common chunk, is encoded here: a method call costs as much again.
         data = chunk.encode() if type(chunk) is str and not self.events else self._encode(chunk)
-        if not self._opened and await self._open(data):
-            return
+        body = self._body
+        if body is None:
+            if await self._open(data):
+                return
+            body = self._body
+            assert body is not None  # opened by the writer that won
         pending = self._pending
         if pending or len(data) < WRITE_SIZE:
             pending.append(data)
@@ -139,7 +146,7 @@ class StreamAnswer:
             pending.clear()
             self._pending_size = 0
         try:
-            await self.response.write(data)
+            await body.write(data)
         except ConnectionError:
             self.client_gone = True
             raise self._hang_up() from None
@@ -150,11 +157,10 @@ class StreamAnswer:
         # do, every write puts its bytes on the transport before it awaits anything, so
         # writers need no lock.
         async with self._opening:
-            if self._opened:
+            if self._body is not None:
                 return False
             try:
-                await self.response.prepare(self.request)
-                self._opened = True
+                self._body = await self.response.prepare(self.request)
                 await self.response.write(data)
             except ConnectionError:
                 self.client_gone = True
@@ -233,9 +239,8 @@ class StreamAnswer:
         self._ended = True
         if self.events:
             self._pending.append(event_frame(json.dumps(body), event))
-        if not self._opened:
-            await self.response.prepare(self.request)
-            self._opened = True
+        if self._body is None:
+            self._body = await self.response.prepare(self.request)
         # A flush task waiting for the client has written its bytes already; what is pending
         # now comes after them, so it can go out here.
         await self.response.write_eof(self._take_pending())
