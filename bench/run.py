@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -121,6 +122,9 @@ def percentile(values: list[float], pct: float) -> float:
 # --- servers -----------------------------------------------------------------------------------
 
 
+_SERVERS = itertools.count()  # numbers each Server's notify socket
+
+
 class Server:
     """One server process (`worker` or `baseline`) with its own NOTIFY_SOCKET and log file."""
 
@@ -140,7 +144,9 @@ class Server:
         self.ready_within = 15.0  # seconds from exec to READY=1 before the start fails
         self.log_path = tmp / f"{kind}-{self.port}.log"
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._notify_path = str(tmp / f"notify-{self.port}.sock")
+        # Named for this server alone: a port comes round again within a run (f starts ten
+        # servers), and binding the path of a closed server's socket fails.
+        self._notify_path = str(tmp / f"notify-{next(_SERVERS)}-{self.port}.sock")
         self._notify.bind(self._notify_path)
         self.messages: list[str] = []
         self._ready = threading.Event()
@@ -262,6 +268,7 @@ class Server:
         self._closed = True
         self._reader.join()
         self._notify.close()
+        Path(self._notify_path).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
