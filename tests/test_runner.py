@@ -55,6 +55,10 @@ class Stream:
     async def __call__(self, chunk: Any) -> None:
         self.chunks.append(chunk)
 
+    async def send_each(self, chunks: AsyncIterator[Any]) -> None:
+        async for chunk in chunks:
+            await self(chunk)
+
     @property
     def began(self) -> bool:
         return bool(self.chunks)

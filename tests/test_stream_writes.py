@@ -115,3 +115,14 @@ async def test_a_reader_that_stops_reading_holds_back_a_function_of_small_chunks
     await wait_for(finished)
     assert streams.WRITE_BUFFER_PEAK[key] < 1 << 20
     await wait_for(lambda: runtime.slots.state().used == 0)
+
+
+async def test_chunks_of_every_kind_and_size_arrive_whole_and_in_order(
+    worker_app: StartWorker,
+) -> None:
+    """Big text goes out as it comes, small chunks are gathered: neither overtakes the other."""
+    client, _ = await worker_app(worker=FUNCTIONS)
+    text = "small, " + "x" * 70000 + "é" * 40000 + "raw bytes, " + '{"n": 1}\n' + "y" * 65536
+    async with client.post("/task", json=task("stream_mixed", mode="stream"), headers=AUTH) as resp:
+        assert resp.status == 200
+        assert await resp.read() == (text + "tail").encode()

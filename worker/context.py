@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
@@ -17,6 +17,11 @@ class StreamWriter(Protocol):
     """`ctx.stream`: `await ctx.stream(chunk)` sends one chunk to the client now."""
 
     async def __call__(self, chunk: Any) -> None: ...
+
+    async def send_each(self, chunks: AsyncIterator[Any]) -> None:
+        """Send each chunk `chunks` yields, in order (the runner drains a streaming function
+        through it)."""
+        ...
 
     @property
     def began(self) -> bool:

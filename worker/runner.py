@@ -259,9 +259,7 @@ class Runner(Part):
         stream = ctx.stream
         try:
             if stream is not None:
-                send = stream.__call__  # a bound method: calling the object costs twice as much
-                async for chunk in generator:
-                    await send(chunk)
+                await stream.send_each(generator)
                 return None
             async for chunk in generator:
                 chunks.append(chunk)

