@@ -143,25 +143,16 @@ async def test_a_big_write_sends_what_waits_first_then_itself_at_once() -> None:
         assert await read_exactly(client, KEEP_AT_MOST + 10) == out.writes[2] + out.writes[3]
 
 
-async def test_close_sends_what_waits_before_closing() -> None:
+@pytest.mark.parametrize("end", ["close", "abort"])
+async def test_close_sends_what_waits_before_closing(end: str) -> None:
+    """Abort too: a failed stream aborts its connection in the turn that wrote its last chunk,
+    which the socket's own transport would have sent at once."""
     outbox = Outbox(asyncio.get_running_loop())
     async with connected(outbox) as (kept, out, client):
         kept.write(b"last words")
-        kept.close()
+        getattr(kept, end)()
         assert out.writes == [b"last words"]
         assert await read_exactly(client, 10) == b"last words"
-        assert await read_exactly(client, 1) == b""  # then the end of the connection
-
-
-async def test_abort_sends_what_was_written_before_it() -> None:
-    """A failed stream aborts its connection in the turn that wrote its last chunk; the chunk
-    was lost with it, where the socket's own transport would have sent it at once."""
-    outbox = Outbox(asyncio.get_running_loop())
-    async with connected(outbox) as (kept, out, client):
-        kept.write(b"first\n")
-        kept.abort()
-        assert out.writes == [b"first\n"]
-        assert await read_exactly(client, 6) == b"first\n"
         assert await read_exactly(client, 1) == b""  # then the end of the connection
 
 
