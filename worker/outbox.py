@@ -28,7 +28,7 @@ def pass_pieces_on() -> bool:
     to 3.12.8 asyncio's own `writelines` did not respect the write buffer's limit
     (CVE-2024-12254), and before 3.12 it joined the pieces itself, so passing them saved
     nothing. On 3.11 asyncio's `writelines` is still that join, while uvloop's sends the pieces
-    with one `writev`: a stream's 64 KiB chunk is copied once less (docs/performance.md, issue
+    with one `writev`: a stream's 64 KiB chunk is copied once fewer (docs/performance.md, issue
     14's twelfth pass). Later Pythons are left to aiohttp. The flag is aiohttp's own, not its
     API: without it (another aiohttp), nothing changes and the pieces are joined as before."""
     if sys.version_info >= (3, 12) or getattr(http_writer, "SKIP_WRITELINES", None) is not True:

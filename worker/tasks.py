@@ -3,7 +3,8 @@
 Each accepted task is a job owned here. A queued job is only its place in line; given a slot it
 runs in its own asyncio task (or, in mode sync or stream with a slot free, in its request's).
 A client that hangs up while its sync task runs does not stop the task (a stream stops), and
-the outcome is still counted and logged. One summary line per task is written here and nowhere else.
+the outcome is still counted and logged. One summary line per task is written here and nowhere
+else.
 """
 
 from __future__ import annotations
