@@ -300,14 +300,3 @@ class StreamMode:
         finally:
             undo()
         return await stream.finish(result)
-        job = stream.job = dispatcher.submit(spec, stream=stream)
-        # Unlike sync, a stream stops with its client, queued or running.
-        undo = on_hang_up(request, lambda: job.cancel(Reason.CLIENT_GONE_STREAMING))
-        try:
-            result = await job.result()
-        except asyncio.CancelledError:
-            job.cancel(Reason.CLIENT_GONE_STREAMING)  # the handler itself was cancelled
-            raise
-        finally:
-            undo()
-        return await stream.finish(result)
