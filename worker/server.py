@@ -150,8 +150,12 @@ class Edge:
 
 def connected(request: BaseRequest) -> bool:
     """True while the request's client is still connected."""
+    return _open_transport(request) is not None
+
+
+def _open_transport(request: BaseRequest) -> asyncio.Transport | None:
     transport = request.transport
-    return transport is not None and not transport.is_closing()
+    return None if transport is None or transport.is_closing() else transport
 
 
 def on_hang_up(request: BaseRequest, callback: Callable[[], None]) -> Callable[[], None]:
@@ -162,8 +166,8 @@ def on_hang_up(request: BaseRequest, callback: Callable[[], None]) -> Callable[[
     runs to completion in its request's own task. A handler that must give up something when
     its client leaves (a place in the queue, a stream) says so here.
     """
-    transport = request.transport
-    if transport is None or transport.is_closing():
+    transport = _open_transport(request)
+    if transport is None:
         callback()
         return _nothing
     connection = transport.get_protocol()

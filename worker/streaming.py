@@ -149,8 +149,7 @@ class StreamAnswer:
         try:
             await body.write(data)
         except ConnectionError:
-            self.client_gone = True
-            raise self._hang_up() from None
+            raise self._left() from None
 
     async def send_each(self, chunks: AsyncIterator[Any]) -> None:
         """Send each chunk `chunks` yields, as `self(chunk)` would: the runner's loop over a
@@ -173,8 +172,7 @@ class StreamAnswer:
             try:
                 await body.write(chunk.encode())
             except ConnectionError:
-                self.client_gone = True
-                raise self._hang_up() from None
+                raise self._left() from None
 
     async def _open(self, data: bytes) -> bool:
         """Open the response with `data`; False when another writer opened it meanwhile."""
@@ -188,8 +186,7 @@ class StreamAnswer:
                 self._body = await self.response.prepare(self.request)
                 await self.response.write(data)
             except ConnectionError:
-                self.client_gone = True
-                raise self._hang_up() from None
+                raise self._left() from None
             return True
 
     def _take_pending(self) -> bytes:
@@ -217,6 +214,11 @@ class StreamAnswer:
         self._ended = True
         self._pending.clear()
         self._pending_size = 0
+
+    def _left(self) -> BaseException:
+        """A write found the client gone: remember it, and raise what `_hang_up` gives."""
+        self.client_gone = True
+        return self._hang_up()
 
     def _hang_up(self) -> BaseException:
         """Cancel the task whose client left; the writer in its own task is cancelled directly
