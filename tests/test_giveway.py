@@ -4,11 +4,15 @@ process busy (for `longest` at most), and goes at the first check that finds no 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from worker.giveway import GiveWay
+from worker.giveway import SCHEDSTAT, GiveWay
 
 
 def burn(seconds: float) -> None:
@@ -99,3 +103,83 @@ async def test_a_callback_that_raises_does_not_keep_the_others_waiting() -> None
     with pytest.raises(RuntimeError, match="a bug in one"):
         give_way.release()
     assert called == ["first", "after"] and give_way.waiting == 0
+
+
+async def test_a_waiting_group_keeps_waiting_while_arrivals_keep_the_thread_a_little_busy() -> None:
+    loop = asyncio.get_running_loop()
+    # Busy about half the time below: under `busy`, which starts a wait, over `keep`, which
+    # keeps one going.
+    give_way = GiveWay(pause=0.05, longest=0.5, busy=0.95, keep=0.1)
+    stop = asyncio.Event()
+
+    async def arrivals() -> None:
+        while not stop.is_set():
+            give_way.arrived()
+            burn(0.004)
+            await asyncio.sleep(0.004)  # idle time, not synchronisation
+
+    give_way.call(lambda: None)  # the first look: at once
+    released = loop.create_future()
+    asked = loop.time()
+    give_way.call(lambda: released.set_result(loop.time()))  # within `pause`: it waits
+    assert give_way.waiting == 1
+    busy = asyncio.ensure_future(arrivals())
+    try:
+        async with asyncio.timeout(10):
+            went = await released
+        assert went - asked >= 0.5
+    finally:
+        stop.set()
+        await busy
+
+
+SHARED_CPU_PROBE = """
+import asyncio, os, sys, time
+from worker.giveway import GiveWay
+
+os.sched_setaffinity(0, {int(sys.argv[1])})
+
+
+async def main() -> None:
+    give_way = GiveWay(pause=0.3, longest=60.0, busy=0.8)
+    called = []
+    give_way.call(lambda: None)  # the first look
+    began, cpu = time.monotonic(), time.process_time()
+    while time.monotonic() - began < 0.4:  # wanting the CPU all along, arrivals all along
+        give_way.arrived()
+    share = (time.process_time() - cpu) / (time.monotonic() - began)
+    give_way.call(lambda: called.append(1))
+    print(f"{share:.3f}", "went" if called else "held")
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(SCHEDSTAT), reason="the kernel keeps no schedstat")
+def test_a_thread_that_waits_for_a_shared_cpu_counts_as_busy() -> None:
+    """Beside a process spinning on the same CPU, the loop gets about half of it: its CPU time
+    alone would read not busy; the time it waited to run counts too."""
+    cpu = min(os.sched_getaffinity(0))
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        stat = Path(f"/proc/{spinner.pid}/schedstat")
+        while int(stat.read_text().split()[0]) < 50_000_000:  # it spins: 50 ms on a CPU
+            assert time.monotonic() < deadline, "the spinning process never ran"
+            time.sleep(0.01)
+        probe = subprocess.run(
+            [sys.executable, "-c", SHARED_CPU_PROBE, str(cpu)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert probe.returncode == 0, probe.stderr
+    share, verdict = probe.stdout.split()
+    assert float(share) < 0.8  # the CPU was shared: CPU time alone reads not busy
+    assert verdict == "held"

@@ -5,29 +5,68 @@ the accepts, and the burst is taken in at about half the rate of the worker's ow
 (bench (d)). A delivery that waits for the burst to ease costs the same CPU a moment later and
 lets the accepts run first; `webhook.max_pending` still bounds what waits, and nothing waits
 longer than `longest`.
+
+Busy means the loop's thread ran, or waited to run, for `busy` of the time: on a machine whose
+cores are shared, a worker that wants the CPU but waits for it is busy too, though its CPU time
+alone reads low (bench (d) beside another process spinning: released mid-burst dozens of times).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import os
 import time
 from collections.abc import Callable
+
+SCHEDSTAT = "/proc/thread-self/schedstat"  # ns on a CPU, ns waiting on a run queue, slices
+
+
+def thread_demand() -> float:
+    """Seconds this thread ran or waited to run; NaN when the kernel could not say this time
+    (a look that reads NaN finds the process not busy)."""
+    try:
+        fd = os.open(SCHEDSTAT, os.O_RDONLY)
+    except OSError:
+        return math.nan
+    try:
+        ran, waited = os.read(fd, 64).split()[:2]
+    except (OSError, ValueError):
+        return math.nan
+    finally:
+        os.close(fd)
+    return (int(ran) + int(waited)) / 1e9
+
+
+def demand_clock() -> Callable[[], float]:
+    """`thread_demand` where the kernel keeps it (Linux with schedstats), else the process's
+    CPU time."""
+    return thread_demand if not math.isnan(thread_demand()) else time.process_time
 
 
 class GiveWay:
     """`arrived()` counts the foreground's arrivals. `call(callback)` calls it at once when the
-    process used less than `busy` of a core since it last looked (at least `pause` ago); else
-    the callback joins a group called at the first check, one each `pause`, that finds no
-    arrival since the one before or the process below `busy`, or once the group has waited
-    `longest`."""
+    loop's thread was busy less than `busy` of the time since it last looked (at least `pause`
+    ago); else the callback joins a group called at the first check, one each `pause`, that
+    finds no arrival since the one before or the thread below `keep` (half of `busy` unless
+    given), or once the group has waited `longest`.
 
-    def __init__(self, pause: float, longest: float, busy: float = 0.5) -> None:
+    `keep` is below `busy` because a group released goes all at once: a dip in the middle of a
+    burst puts every delivery it holds into the burst (bench (d) beside two spinning processes:
+    three bursts of six released early with `keep` as `busy`; none of nine with half, beside
+    two, one or no such process)."""
+
+    def __init__(
+        self, pause: float, longest: float, busy: float = 0.5, keep: float | None = None
+    ) -> None:
         self.pause = pause
         self.longest = longest
         self.busy = busy
+        self.keep = busy / 2 if keep is None else keep
+        self._demand = demand_clock()
         self._arrivals = 0  # ever; compared between two checks
         self._seen = 0
-        self._looked: tuple[float, float] | None = None  # (loop time, process CPU seconds)
+        self._looked: tuple[float, float] | None = None  # (loop time, demand seconds)
         self._group: list[Callable[[], None]] | None = None  # waiting now
         self._since = 0.0  # when that group began waiting (loop time)
 
@@ -44,7 +83,7 @@ class GiveWay:
             loop = asyncio.get_running_loop()
             now = loop.time()
             if self._looked is None or now - self._looked[0] >= self.pause:
-                pressed = self._pressed(now)
+                pressed = self._pressed(now, self.busy)
                 self._seen = self._arrivals
                 if not pressed:
                     callback()
@@ -71,18 +110,19 @@ class GiveWay:
         if group is not self._group:
             return  # released already
         now = loop.time()
-        pressed = self._arrivals != self._seen and self._pressed(now)
+        pressed = self._arrivals != self._seen and self._pressed(now, self.keep)
         self._seen = self._arrivals
         if pressed and now - self._since < self.longest:
             loop.call_later(self.pause, self._check, loop, group)
         else:
             self.release()
 
-    def _pressed(self, now: float) -> bool:
-        """Whether the process used `busy` of a core or more since it last looked; looks now."""
-        cpu = time.process_time()
-        looked, self._looked = self._looked, (now, cpu)
+    def _pressed(self, now: float, share: float) -> bool:
+        """Whether the loop's thread was busy `share` of the time or more since it last looked;
+        looks now."""
+        demand = self._demand()
+        looked, self._looked = self._looked, (now, demand)
         if looked is None:
             return False
-        then, cpu_then = looked
-        return cpu - cpu_then >= self.busy * (now - then)
+        then, demand_then = looked
+        return demand - demand_then >= share * (now - then)
