@@ -67,7 +67,7 @@ MAX_RESENDS = 2  # re-sends within one attempt when a reused connection turned o
 # (worker/giveway.py), looking again every GIVE_WAY_PAUSE, for GIVE_WAY_LONGEST at most. A look
 # that finds no arrival since the one before ends the wait: on a machine whose cores are shared,
 # the clients' own processes are off the CPU for 10 ms now and then (bench (d) beside a spinning
-# process: 5-10 such looks a burst at 10 ms, none at 30).
+# process: 7-11 such looks a burst at 10 ms, none in nine bursts at 30).
 GIVE_WAY_PAUSE = 0.03
 GIVE_WAY_LONGEST = 1.0
 
