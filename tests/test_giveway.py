@@ -4,10 +4,12 @@ process busy (for `longest` at most), and goes at the first check that finds no 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -34,31 +36,44 @@ async def test_a_call_goes_at_once_while_the_process_is_idle() -> None:
     assert called == [1, 2]
 
 
-async def test_while_arrivals_keep_the_process_busy_a_call_waits_for_longest() -> None:
-    loop = asyncio.get_running_loop()
-    give_way = GiveWay(pause=0.05, longest=0.5, busy=0.05)
+@contextlib.asynccontextmanager
+async def arriving(give_way: GiveWay, burning: float, idle: float) -> AsyncIterator[None]:
+    """Arrivals in the background while the block runs: each after `burning` seconds of CPU
+    and `idle` seconds asleep."""
     stop = asyncio.Event()
 
     async def arrivals() -> None:
         while not stop.is_set():
             give_way.arrived()
-            burn(0.005)
-            await asyncio.sleep(0)
+            burn(burning)
+            await asyncio.sleep(idle)  # idle time, not synchronisation
 
-    busy = asyncio.ensure_future(arrivals())
+    task = asyncio.ensure_future(arrivals())
     try:
-        give_way.call(lambda: None)  # the first look finds nothing to compare with
-        await asyncio.sleep(0.06)  # arrivals and CPU since that look
-        released = loop.create_future()
-        asked = loop.time()
-        give_way.call(lambda: released.set_result(loop.time()))
-        assert give_way.waiting == 1
-        async with asyncio.timeout(10):
-            went = await released
-        assert went - asked >= 0.5
+        yield
     finally:
         stop.set()
-        await busy
+        await task
+
+
+async def held_for(give_way: GiveWay) -> float:
+    """Call now with a callback that must wait; the seconds until it is called."""
+    loop = asyncio.get_running_loop()
+    released: asyncio.Future[float] = loop.create_future()
+    asked = loop.time()
+    give_way.call(lambda: released.set_result(loop.time()))
+    assert give_way.waiting == 1
+    async with asyncio.timeout(10):
+        went = await released
+    return went - asked
+
+
+async def test_while_arrivals_keep_the_process_busy_a_call_waits_for_longest() -> None:
+    give_way = GiveWay(pause=0.05, longest=0.5, busy=0.05)
+    async with arriving(give_way, burning=0.005, idle=0):
+        give_way.call(lambda: None)  # the first look finds nothing to compare with
+        await asyncio.sleep(0.06)  # arrivals and CPU since that look
+        assert await held_for(give_way) >= 0.5
 
 
 async def test_a_waiting_group_goes_at_the_first_check_with_no_arrival() -> None:
@@ -106,31 +121,12 @@ async def test_a_callback_that_raises_does_not_keep_the_others_waiting() -> None
 
 
 async def test_a_waiting_group_keeps_waiting_while_arrivals_keep_the_thread_a_little_busy() -> None:
-    loop = asyncio.get_running_loop()
     # Busy about half the time below: under `busy`, which starts a wait, over `keep`, which
     # keeps one going.
     give_way = GiveWay(pause=0.05, longest=0.5, busy=0.95, keep=0.1)
-    stop = asyncio.Event()
-
-    async def arrivals() -> None:
-        while not stop.is_set():
-            give_way.arrived()
-            burn(0.004)
-            await asyncio.sleep(0.004)  # idle time, not synchronisation
-
     give_way.call(lambda: None)  # the first look: at once
-    released = loop.create_future()
-    asked = loop.time()
-    give_way.call(lambda: released.set_result(loop.time()))  # within `pause`: it waits
-    assert give_way.waiting == 1
-    busy = asyncio.ensure_future(arrivals())
-    try:
-        async with asyncio.timeout(10):
-            went = await released
-        assert went - asked >= 0.5
-    finally:
-        stop.set()
-        await busy
+    async with arriving(give_way, burning=0.004, idle=0.004):
+        assert await held_for(give_way) >= 0.5  # called within `pause`: it waits
 
 
 SHARED_CPU_PROBE = """
