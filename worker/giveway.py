@@ -24,7 +24,7 @@ SCHEDSTAT = "/proc/thread-self/schedstat"  # ns on a CPU, ns waiting on a run qu
 
 def thread_demand() -> float:
     """Seconds this thread ran or waited to run; NaN when the kernel could not say this time
-    (a look that reads NaN finds the process not busy)."""
+    (a look that reads NaN finds the thread not busy)."""
     try:
         fd = os.open(SCHEDSTAT, os.O_RDONLY)
     except OSError:
