@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import structlog
 
-from tests.conftest import AUTH, LB_KEY, Worker, task
+from tests.conftest import AUTH, LB_KEY, Worker, task, wait_for
 from worker.logs import LogBuffer, Logging
-from worker.logtail import Follower
+from worker.logtail import ALIVE_CHECK, Follower
 
 StartWorker = Callable[..., Awaitable[Worker]]
 
@@ -101,6 +101,19 @@ async def test_follow_streams_lines_written_after_the_request(
         assert any("function says" in text and "text=t1" in text for text in seen)
         assert not any("before the follow" in text for text in [line, *seen])
     assert "before the follow" in runtime.logs.tail()[0]
+
+
+async def test_a_follow_whose_client_leaves_while_nothing_is_logged_ends(
+    logged_worker: StartWorker,
+) -> None:
+    """Its handler notices at its next alive check and stops following the buffer."""
+    client, runtime = await logged_worker()
+    listening = len(runtime.logs._listeners)
+    resp = await client.get("/logs?follow=1&lines=0", headers=AUTH)
+    assert resp.status == 200
+    await wait_for(lambda: len(runtime.logs._listeners) == listening + 1)
+    resp.close()  # the connection with it
+    await wait_for(lambda: len(runtime.logs._listeners) == listening, timeout=ALIVE_CHECK + 10)
 
 
 async def test_a_follower_that_falls_behind_loses_lines_and_is_told() -> None:
