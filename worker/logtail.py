@@ -18,6 +18,7 @@ from aiohttp import web
 from worker.errors import BadRequest
 from worker.logs import LogBuffer
 from worker.responses import json_response
+from worker.server import connected
 
 FOLLOW_QUEUE = 1000  # lines a follower may fall behind before it loses some
 ALIVE_CHECK = 2.0  # seconds between checks that an idle follower's client is still there
@@ -125,7 +126,7 @@ async def answer(request: web.Request, logs: LogBuffer) -> web.StreamResponse:
             batch = await follower.take(ALIVE_CHECK)
             if batch:
                 await response.write(("\n".join(batch) + "\n").encode())
-            elif request.transport is None or request.transport.is_closing():
+            elif not connected(request):
                 break  # the client left while nothing was logged
         await response.write_eof()
     except ConnectionError:
