@@ -17,7 +17,14 @@ import pytest
 from aiohttp import http_writer
 from aiohttp.base_protocol import BaseProtocol
 
-from worker.outbox import KEEP_AT_MOST, KeptTransport, Outbox, pass_pieces_on
+from worker.outbox import (
+    GATHER_AT_MOST,
+    KEEP_AT_MOST,
+    KeptTransport,
+    Outbox,
+    pass_pieces_on,
+    pieces_pass,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -206,6 +213,77 @@ def test_pieces_leave_whole_and_in_order_through_uvloops_writev() -> None:
         loop.run_until_complete(pieces_through_the_outbox())
     finally:
         loop.close()
+
+
+def framed(chunk: bytes) -> tuple[bytes, bytes, bytes]:
+    """A chunk as aiohttp's chunked writer hands it on: its frame, itself, the frame's end."""
+    return (f"{len(chunk):x}\r\n".encode(), chunk, b"\r\n")
+
+
+async def test_a_streaming_connection_gathers_its_chunks_into_one_write_a_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http_writer, "SKIP_WRITELINES", False)  # pieces pass
+    async with connected(Outbox(asyncio.get_running_loop())) as (kept, out, client):
+        kept.gather(True)
+        assert kept.gathering
+        chunks = [bytes([ord("a") + index]) * 65536 for index in range(3)]
+        for chunk in chunks:
+            kept.writelines(framed(chunk))
+        assert out.pieces == [] and out.writes == []  # still this turn: all three wait
+        expected = b"".join(b"".join(framed(chunk)) for chunk in chunks)
+        assert await read_exactly(client, len(expected)) == expected
+        # One write, of the pieces as they were handed over: no chunk was copied.
+        assert len(out.pieces) == 1
+        assert [id(piece) for piece in out.pieces[0][1::3]] == [id(chunk) for chunk in chunks]
+
+
+async def test_gathering_sends_at_its_bound_what_waits_and_the_new_chunk_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http_writer, "SKIP_WRITELINES", False)
+    async with connected(Outbox(asyncio.get_running_loop())) as (kept, out, client):
+        kept.gather(True)
+        chunk = b"z" * 65536
+        per_chunk = len(b"".join(framed(chunk)))
+        fit = GATHER_AT_MOST // per_chunk  # chunks kept before the bound is passed
+        for _ in range(fit + 2):
+            kept.writelines(framed(chunk))
+        # The chunk that passed the bound went in the same turn, with all kept before it.
+        assert [len(pieces) for pieces in out.pieces] == [3 * (fit + 1)]
+        total = per_chunk * (fit + 2)
+        assert await read_exactly(client, total) == b"".join(framed(chunk)) * (fit + 2)
+        assert [len(pieces) for pieces in out.pieces] == [3 * (fit + 1), 3]  # the last: at the end
+
+
+async def test_gathering_off_sends_a_streamed_chunk_at_once_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http_writer, "SKIP_WRITELINES", False)
+    async with connected(Outbox(asyncio.get_running_loop())) as (kept, out, client):
+        kept.gather(True)
+        kept.gather(False)
+        assert not kept.gathering
+        chunk = b"w" * 65536
+        kept.writelines(framed(chunk))
+        assert out.pieces == [list(framed(chunk))]  # in this turn
+        assert await read_exactly(client, len(chunk) + 9) == b"".join(framed(chunk))
+
+
+async def test_gathering_stays_off_where_aiohttp_joins_each_chunk_to_its_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where aiohttp hands each chunk on joined (a copy made already), the outbox would have
+    to join them again to gather them: it does not."""
+    monkeypatch.setattr(http_writer, "SKIP_WRITELINES", True)
+    assert not pieces_pass()
+    async with connected(Outbox(asyncio.get_running_loop())) as (kept, out, client):
+        kept.gather(True)
+        assert not kept.gathering
+        data = b"".join(framed(b"v" * 65536))
+        kept.write(data)
+        assert out.writes == [data]  # in this turn
+        assert await read_exactly(client, len(data)) == data
 
 
 def test_pass_pieces_on_leaves_later_pythons_and_other_aiohttps_alone(

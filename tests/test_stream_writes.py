@@ -126,3 +126,24 @@ async def test_chunks_of_every_kind_and_size_arrive_whole_and_in_order(
     async with client.post("/task", json=task("stream_mixed", mode="stream"), headers=AUTH) as resp:
         assert resp.status == 200
         assert await resp.read() == (text + "tail").encode()
+
+
+async def test_big_chunks_of_one_turn_reach_the_client_while_the_function_waits(
+    worker_app: StartWorker,
+) -> None:
+    """Chunks of 64 KiB written in one turn are gathered by the connection (fewer writes), yet
+    all of them are out once the function waits; after the stream the connection gathers no
+    more, for the next request on it."""
+    client, runtime = await worker_app(worker=FUNCTIONS)
+    streams = streams_of(runtime)
+    key, count = "blocks", 6
+    blocks = b"".join(bytes([ord("a") + index]) * 65536 for index in range(count))
+    body = task("stream_blocks", mode="stream", input={"key": key, "count": count})
+    async with client.post("/task", json=body, headers=AUTH) as resp:
+        assert resp.status == 200
+        assert await resp.content.readexactly(len(blocks)) == blocks
+        # Every chunk after the first was written with the connection gathering.
+        assert streams.GATHERING[key] == [True] * count
+        streams.gate(key).set()
+        assert await resp.content.read() == b"end"
+    assert streams.TRANSPORTS[key].gathering is False

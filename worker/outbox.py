@@ -6,6 +6,11 @@ them, and on loopback each one woke the client again: about a third of the worke
 request at 64 connections went to the kernel's send path (docs/performance.md, sixth pass). The
 wait is the rest of the loop's turn, and the bytes kept are bounded per connection: a bigger
 write sends what waits, then itself.
+
+A connection that is streaming a response gathers its chunks the same way, as the pieces aiohttp
+hands over (a chunk and its frame, not joined), up to GATHER_AT_MOST bytes: a function that
+yields 64 KiB chunks faster than the loop turns then costs one `writev` per 256 KiB, not one per
+chunk.
 """
 
 from __future__ import annotations
@@ -17,6 +22,13 @@ from typing import Any
 from aiohttp import http_writer
 
 KEEP_AT_MOST = 16 * 1024  # bytes one connection keeps for the end of the turn
+GATHER_AT_MOST = 256 * 1024  # the same while it streams (KeptTransport.gather)
+
+
+def pieces_pass() -> bool:
+    """True when aiohttp hands a chunk and its frame on as pieces (`writelines`): Python 3.11
+    after `pass_pieces_on`, 3.12.9 and later by aiohttp's own choice."""
+    return getattr(http_writer, "SKIP_WRITELINES", True) is False
 
 
 def pass_pieces_on() -> bool:
@@ -72,7 +84,7 @@ class KeptTransport(asyncio.Transport):
     all are kept until the outbox sends them; everything else sends what is kept first, so the
     bytes leave in the order they were written."""
 
-    __slots__ = ("__weakref__", "_kept", "_outbox", "_size", "_transport")
+    __slots__ = ("__weakref__", "_at_most", "_kept", "_outbox", "_size", "_transport")
 
     def __init__(self, outbox: Outbox, transport: asyncio.Transport) -> None:
         super().__init__()
@@ -80,10 +92,22 @@ class KeptTransport(asyncio.Transport):
         self._transport = transport
         self._kept: list[bytes] | None = None
         self._size = 0  # bytes kept
+        self._at_most = KEEP_AT_MOST
+
+    def gather(self, on: bool) -> None:
+        """While on, keep up to GATHER_AT_MOST bytes (a stream's chunks), sent as pieces; off,
+        KEEP_AT_MOST again. Only where aiohttp passes pieces (`pieces_pass`): otherwise each
+        chunk comes joined to its frame already, and gathering would need a second copy.
+        Pieces are kept as they are handed over, not copied: a stream writes bytes."""
+        self._at_most = GATHER_AT_MOST if on and pieces_pass() else KEEP_AT_MOST
+
+    @property
+    def gathering(self) -> bool:
+        return self._at_most > KEEP_AT_MOST
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         size = len(data)
-        if self._size + size > KEEP_AT_MOST:
+        if self._size + size > self._at_most:
             if self._kept is not None:
                 self.send()
             self._transport.write(data)
@@ -101,19 +125,32 @@ class KeptTransport(asyncio.Transport):
         size = self._size
         for data in chunks:
             size += len(data)
-        if size > KEEP_AT_MOST:
-            if self._kept is not None:
-                self.send()
-            self._transport.writelines(chunks)  # a stream's chunk: not joined into a copy
-        else:
+        if size <= KEEP_AT_MOST:
             self.write(b"".join(chunks))
+            return
+        kept = self._kept
+        if kept is None:
+            if size > self._at_most:
+                self._transport.writelines(chunks)  # a stream's chunk: not joined into a copy
+                return
+            kept = self._kept = []
+            self._outbox.keep(self)
+        kept.extend(chunks)
+        self._size = size
+        if size > self._at_most:
+            self.send()  # what was kept and these pieces, in one write
 
     def send(self) -> None:
         """Write what is kept to the connection (nothing when the client has gone)."""
-        kept, self._kept, self._size = self._kept, None, 0
+        kept, size, self._kept, self._size = self._kept, self._size, None, 0
         if not kept or self._transport.is_closing():
             return
-        self._transport.write(kept[0] if len(kept) == 1 else b"".join(kept))
+        if len(kept) == 1:
+            self._transport.write(kept[0])
+        elif size <= KEEP_AT_MOST:
+            self._transport.write(b"".join(kept))
+        else:
+            self._transport.writelines(kept)  # pieces: only ever kept where pieces pass
 
     def close(self) -> None:
         self.send()

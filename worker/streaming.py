@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from worker.jsoncodec import NotJSON, dumps_result
+from worker.outbox import KeptTransport
 from worker.outcomes import FAILED, SUCCEEDED, Reason
 from worker.server import connected, on_hang_up
 from worker.sync import result_response
@@ -78,8 +79,10 @@ class StreamAnswer:
     The first chunk opens the response and is written at once. Later small chunks wait in
     `_pending` until the producer yields to the event loop (a flush task then writes them) or
     until they add up to WRITE_SIZE (the producer then writes them itself and waits for the
-    client like any write). A chunk therefore reaches the client as soon as the function
-    awaits anything else, and a function is never further ahead of its client than one write.
+    client like any write). Written chunks wait in the connection's outbox, up to
+    outbox.GATHER_AT_MOST, for the end of the loop's turn, and leave in one write. A chunk
+    therefore reaches the client as soon as the function awaits anything else, and a function
+    is never further ahead of its client than one gathered write.
     """
 
     def __init__(self, request: web.Request, task_id: str, events: bool) -> None:
@@ -187,7 +190,13 @@ class StreamAnswer:
                 await self.response.write(data)
             except ConnectionError:
                 raise self._left() from None
+            self._gather(True)  # the first chunk went at once; later ones may wait for the turn
             return True
+
+    def _gather(self, on: bool) -> None:
+        transport = self.request.transport
+        if isinstance(transport, KeptTransport):
+            transport.gather(on)
 
     def _take_pending(self) -> bytes:
         data = b"".join(self._pending)
@@ -230,7 +239,14 @@ class StreamAnswer:
         return ConnectionResetError(gone.value)
 
     async def finish(self, result: TaskResult) -> web.StreamResponse:
-        """End the answer according to how the task ended."""
+        """End the answer according to how the task ended; the connection stops gathering
+        writes (the next request on it is answered as any other)."""
+        try:
+            return await self._finish(result)
+        finally:
+            self._gather(False)
+
+    async def _finish(self, result: TaskResult) -> web.StreamResponse:
         if self.client_gone:
             self._stop_writing()
             return self.response

@@ -12,6 +12,8 @@ GATES: dict[str, asyncio.Event] = {}
 FINISHED: list[str] = []
 PROGRESS: dict[str, int] = {}
 WRITE_BUFFER_PEAK: dict[str, int] = {}
+TRANSPORTS: dict[str, Any] = {}  # a stream's connection, as its function saw it
+GATHERING: dict[str, list[bool]] = {}  # whether that connection gathered, after each chunk
 
 
 def gate(name: str) -> asyncio.Event:
@@ -106,3 +108,20 @@ async def stream_mixed(params: dict[str, Any], ctx: Any) -> AsyncIterator[Any]:
     """Chunks of every kind and size, all in one turn of the loop."""
     for chunk in MIXED_CHUNKS:
         yield chunk
+
+
+@function(
+    params={"key": {"type": "string", "required": True}, "count": {"type": "number"}},
+    streaming=True,
+)
+async def stream_blocks(params: dict[str, Any], ctx: Any) -> AsyncIterator[str]:
+    """`count` chunks of 64 KiB in one turn of the loop, a wait for the gate, one more; notes
+    whether its connection gathered writes after each chunk."""
+    key = params["key"]
+    transport = TRANSPORTS[key] = ctx.stream.request.transport
+    seen = GATHERING.setdefault(key, [])
+    for index in range(int(params["count"])):
+        yield chr(ord("a") + index % 26) * 65536
+        seen.append(transport.gathering)
+    await gate(key).wait()
+    yield "end"
