@@ -220,13 +220,22 @@ def framed(chunk: bytes) -> tuple[bytes, bytes, bytes]:
     return (f"{len(chunk):x}\r\n".encode(), chunk, b"\r\n")
 
 
-async def test_a_streaming_connection_gathers_its_chunks_into_one_write_a_turn(
+@contextlib.asynccontextmanager
+async def streaming(
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(http_writer, "SKIP_WRITELINES", False)  # pieces pass
+) -> AsyncIterator[tuple[KeptTransport, Counted, socket.socket]]:
+    """A connection as a stream's: aiohttp passes pieces, and the outbox gathers them."""
+    monkeypatch.setattr(http_writer, "SKIP_WRITELINES", False)
     async with connected(Outbox(asyncio.get_running_loop())) as (kept, out, client):
         kept.gather(True)
         assert kept.gathering
+        yield kept, out, client
+
+
+async def test_a_streaming_connection_gathers_its_chunks_into_one_write_a_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with streaming(monkeypatch) as (kept, out, client):
         chunks = [bytes([ord("a") + index]) * 65536 for index in range(3)]
         for chunk in chunks:
             kept.writelines(framed(chunk))
@@ -241,9 +250,7 @@ async def test_a_streaming_connection_gathers_its_chunks_into_one_write_a_turn(
 async def test_gathering_sends_at_its_bound_what_waits_and_the_new_chunk_together(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(http_writer, "SKIP_WRITELINES", False)
-    async with connected(Outbox(asyncio.get_running_loop())) as (kept, out, client):
-        kept.gather(True)
+    async with streaming(monkeypatch) as (kept, out, client):
         chunk = b"z" * 65536
         per_chunk = len(b"".join(framed(chunk)))
         fit = GATHER_AT_MOST // per_chunk  # chunks kept before the bound is passed
@@ -259,9 +266,7 @@ async def test_gathering_sends_at_its_bound_what_waits_and_the_new_chunk_togethe
 async def test_gathering_off_sends_a_streamed_chunk_at_once_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(http_writer, "SKIP_WRITELINES", False)
-    async with connected(Outbox(asyncio.get_running_loop())) as (kept, out, client):
-        kept.gather(True)
+    async with streaming(monkeypatch) as (kept, out, client):
         kept.gather(False)
         assert not kept.gathering
         chunk = b"w" * 65536

@@ -142,7 +142,7 @@ async def test_big_chunks_of_one_turn_reach_the_client_while_the_function_waits(
     async with client.post("/task", json=body, headers=AUTH) as resp:
         assert resp.status == 200
         assert await resp.content.readexactly(len(blocks)) == blocks
-        # Every chunk after the first was written with the connection gathering.
+        # The connection gathered from the first chunk's write on.
         assert streams.GATHERING[key] == [True] * count
         streams.gate(key).set()
         assert await resp.content.read() == b"end"

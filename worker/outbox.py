@@ -8,9 +8,8 @@ wait is the rest of the loop's turn, and the bytes kept are bounded per connecti
 write sends what waits, then itself.
 
 A connection that is streaming a response gathers its chunks the same way, as the pieces aiohttp
-hands over (a chunk and its frame, not joined), up to GATHER_AT_MOST bytes: a function that
-yields 64 KiB chunks faster than the loop turns then costs one `writev` per 256 KiB, not one per
-chunk.
+hands over (a chunk and its frame, not joined), up to GATHER_AT_MOST bytes: 64 KiB chunks that a
+function yields in one turn of the loop then cost one `writev` per 256 KiB, not one per chunk.
 """
 
 from __future__ import annotations
