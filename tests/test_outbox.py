@@ -9,7 +9,7 @@ import contextlib
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,32 +187,41 @@ async def test_a_streamed_chunk_reaches_the_sockets_transport_uncopied(
         assert await read_exactly(client, len(framed)) == framed
 
 
-def test_pieces_leave_whole_and_in_order_through_uvloops_writev() -> None:
-    """uvloop sends pieces with one writev, not joined: what was kept goes first, then each
-    piece in order. (Its transports cannot be counted: their methods are read-only.)"""
+def on_uvloop(test: Callable[[KeptTransport, socket.socket], Awaitable[None]]) -> None:
+    """Run `test` on a uvloop loop, with a connection through the outbox and its client.
+    (uvloop's transports cannot be counted: their methods are read-only.)"""
     uvloop = pytest.importorskip("uvloop")
 
-    async def pieces_through_the_outbox() -> None:
+    async def connected_on_uvloop() -> None:
         loop = asyncio.get_running_loop()
         server_side, client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         client.setblocking(False)
         transport, _ = await loop.connect_accepted_socket(Writes, server_side)
         try:
-            kept = Outbox(loop).wrap(transport)
-            chunk = b"y" * 65536
-            kept.write(b"kept ")
-            kept.writelines((b"10000\r\n", chunk, b"\r\n"))
-            expected = b"kept 10000\r\n" + chunk + b"\r\n"
-            assert await read_exactly(client, len(expected)) == expected
+            await test(Outbox(loop).wrap(transport), client)
         finally:
             transport.close()
             client.close()
 
     loop = uvloop.new_event_loop()
     try:
-        loop.run_until_complete(pieces_through_the_outbox())
+        loop.run_until_complete(connected_on_uvloop())
     finally:
         loop.close()
+
+
+def test_pieces_leave_whole_and_in_order_through_uvloops_writev() -> None:
+    """uvloop sends pieces with one writev, not joined: what was kept goes first, then each
+    piece in order."""
+
+    async def pieces_through_the_outbox(kept: KeptTransport, client: socket.socket) -> None:
+        chunk = b"y" * 65536
+        kept.write(b"kept ")
+        kept.writelines((b"10000\r\n", chunk, b"\r\n"))
+        expected = b"kept 10000\r\n" + chunk + b"\r\n"
+        assert await read_exactly(client, len(expected)) == expected
+
+    on_uvloop(pieces_through_the_outbox)
 
 
 def framed(chunk: bytes) -> tuple[bytes, bytes, bytes]:
@@ -289,6 +298,25 @@ async def test_gathering_stays_off_where_aiohttp_joins_each_chunk_to_its_frame(
         kept.write(data)
         assert out.writes == [data]  # in this turn
         assert await read_exactly(client, len(data)) == data
+
+
+def test_gathered_chunks_leave_whole_and_in_order_through_uvloops_writev(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The event loop the daemon runs on: gathered chunks, past the bound and at the end of the
+    turn, arrive whole and in order."""
+    monkeypatch.setattr(http_writer, "SKIP_WRITELINES", False)
+    chunks = [bytes([ord("a") + index]) * 65536 for index in range(6)]
+
+    async def gathered(kept: KeptTransport, client: socket.socket) -> None:
+        kept.gather(True)
+        assert kept.gathering
+        for chunk in chunks:
+            kept.writelines(framed(chunk))
+        expected = b"".join(b"".join(framed(chunk)) for chunk in chunks)
+        assert await read_exactly(client, len(expected)) == expected
+
+    on_uvloop(gathered)
 
 
 def test_pass_pieces_on_leaves_later_pythons_and_other_aiohttps_alone(
