@@ -102,6 +102,7 @@ class KeptTransport(asyncio.Transport):
 
     @property
     def gathering(self) -> bool:
+        """True while `gather` is on and took effect."""
         return self._at_most > KEEP_AT_MOST
 
     def write(self, data: bytes | bytearray | memoryview) -> None:

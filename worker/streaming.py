@@ -80,7 +80,8 @@ class StreamAnswer:
     `_pending` until the producer yields to the event loop (a flush task then writes them) or
     until they add up to WRITE_SIZE (the producer then writes them itself and waits for the
     client like any write). Written chunks wait in the connection's outbox, up to
-    outbox.GATHER_AT_MOST, for the end of the loop's turn, and leave in one write. A chunk
+    outbox.GATHER_AT_MOST, for the end of the loop's turn, and leave in one write (where
+    aiohttp passes pieces; elsewhere a big chunk goes as it is written). A chunk
     therefore reaches the client as soon as the function awaits anything else, and a function
     is never further ahead of its client than one gathered write.
     """
