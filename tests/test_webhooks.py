@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
+import re
+import socket
+import struct
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -176,6 +181,107 @@ async def test_a_400_is_not_retried_and_failures_are_delivered_as_errors(
         "error": "nope",
     }
     assert runtime.deliveries.failed == 1
+
+
+async def test_a_webhook_task_that_waits_past_its_timeout_times_out_and_its_connection_goes_on(
+    worker_app: StartWorker, receiver: Start
+) -> None:
+    """Its first step runs in its request's task (tasks.Dispatcher.launch, `here`), the rest in
+    a task of its own: the deadline cancels that task, never the request's."""
+    hook = await receiver([])
+    client, runtime = await worker_app(webhook=webhook_config())
+    body = task("sleep_limited", mode="webhook", input={"seconds": 5}, webhook={"url": hook.url})
+    async with client.post("/task", json=body, headers=AUTH) as resp:
+        assert resp.status == 202
+        task_id = resp.headers["X-Task-Id"]
+    await wait_for(lambda: len(hook.calls) == 1)
+    assert json.loads(hook.calls[0].body) == {
+        "task_id": task_id,
+        "function": "sleep_limited",
+        "success": False,
+        "error": "Function timed out after 0.3s",
+    }
+    async with client.post("/task", json=task("hello"), headers=AUTH) as resp:
+        assert resp.status == 200  # the connection that carried the webhook task serves on
+    assert runtime.slots.state().used == 0
+
+
+# Linux's SO_TIMESTAMPNS (asm-generic; not in Python's socket module): each read carries the
+# time the kernel received its bytes, so two sockets' arrivals can be put in order after the fact.
+SO_TIMESTAMPNS = 35
+
+
+def stamped_read(sock: socket.socket, ends: bytes) -> tuple[int, bytes]:
+    """Blocking: read until `ends` has come; the kernel's arrival time (ns) of the first bytes."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    data, first = b"", 0
+    while ends not in data:
+        chunk, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(16))
+        if not chunk:
+            raise AssertionError(f"closed after {data!r}")
+        for level, kind, value in ancillary:
+            if (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMPNS) and not first:
+                seconds, nanoseconds = struct.unpack("qq", value[:16])
+                first = seconds * 10**9 + nanoseconds
+        data += chunk
+    assert first, "the kernel gave no receive time"
+    return first, data
+
+
+class StampedReceiver:
+    """A webhook receiver on a plain socket, in a thread: answers each POST 200 on a kept-alive
+    connection and keeps when each one's first bytes arrived."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(10)
+        self.arrivals: list[int] = []
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = self.listener.accept()
+                threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        connection.settimeout(10)
+        with connection, contextlib.suppress(OSError, AssertionError):
+            while True:
+                at, head = stamped_read(connection, b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+                body = head.split(b"\r\n\r\n", 1)[1]
+                while len(body) < length:
+                    body += connection.recv(65536)
+                self.arrivals.append(at)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+
+async def test_a_webhook_tasks_202_leaves_before_its_result_is_posted(
+    worker_app: StartWorker,
+) -> None:
+    """A function that ends without waiting ends in its request's task, before the 202 is
+    written; the 202 still reaches its client first, also when the delivery goes at once on a
+    kept-alive connection: a receiver may look up the task id its client got."""
+    client, runtime = await worker_app(webhook=webhook_config())
+    runtime.deliveries.give_way = GiveWay(pause=0.0, longest=0.0, busy=2.0)  # never holds
+    hook = StampedReceiver()
+    body = json.dumps(task("hello", mode="webhook", webhook={"url": hook.url})).encode()
+    request = (
+        f"POST /task HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {AUTH['Authorization']}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    answered: list[int] = []
+    with socket.create_connection(("127.0.0.1", client.port), timeout=10) as connection:
+        for count in range(1, 21):
+            connection.sendall(request)
+            at, answer = await asyncio.to_thread(stamped_read, connection, b'"}')
+            assert answer.startswith(b"HTTP/1.1 202"), answer
+            answered.append(at)
+            await wait_for(lambda: len(hook.arrivals) == count)  # noqa: B023
+    hook.listener.close()
+    assert [a < d for a, d in zip(answered, hook.arrivals, strict=True)] == [True] * 20
 
 
 async def test_a_receiver_that_never_answers_times_out_and_is_retried(
