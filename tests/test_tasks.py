@@ -25,7 +25,7 @@ from worker.outcomes import Outcome, Reason, verdict
 from worker.params import compile_params
 from worker.runner import Runner
 from worker.slots import SlotManager, SlotState
-from worker.tasks import Dispatcher, Job, TaskResult, TaskSpec, milliseconds
+from worker.tasks import Dispatcher, TaskResult, TaskSpec, milliseconds
 
 
 def function(
@@ -184,140 +184,6 @@ async def test_the_summary_line_counts_attempts_when_there_were_retries(
         result = await dispatcher.submit(task(fn, "t-retry")).result()
     assert (result.outcome, result.value) == (Outcome.SUCCEEDED, 3)
     assert summaries(logged)["t-retry"]["attempts"] == 3
-
-
-# --- begun in the calling task (`launch`, `here`: a webhook accept) ------------------------------
-
-
-def launched_here(dispatcher: Dispatcher, spec: TaskSpec) -> tuple[Job, list[Job]]:
-    """`spec` enqueued and launched `here`, and the jobs its end was told of."""
-    job = dispatcher.enqueue(spec)
-    ended: list[Job] = []
-    job.on_end.append(ended.append)
-    dispatcher.launch(job, here=True)
-    return job, ended
-
-
-async def test_a_job_launched_here_that_does_not_wait_has_ended_when_launch_returns(
-    dispatcher: Dispatcher,
-) -> None:
-    ran_in: list[asyncio.Task[Any] | None] = []
-
-    async def quick(params: dict[str, Any], ctx: TaskContext) -> str:
-        ran_in.append(asyncio.current_task())
-        return "done"
-
-    with capture_logs() as logged:
-        job, ended = launched_here(dispatcher, task(function("quick", quick), "quick"))
-        assert ended == [job]  # before any other step of the loop
-    assert ran_in == [asyncio.current_task()]
-    assert job.task is None  # no task of its own
-    assert (job.finished().outcome, job.finished().value) == (Outcome.SUCCEEDED, "done")
-    assert summaries(logged)["quick"]["outcome"] == "succeeded"
-    assert dispatcher.slots.state() == SlotState("ready", 0, 1, 0)
-    assert dispatcher.in_flight == 0
-
-
-@pytest.mark.parametrize(
-    ("raised", "outcome", "error"),
-    [
-        (RuntimeError("went wrong"), Outcome.FAILED, "went wrong"),
-        (asyncio.CancelledError(), Outcome.CANCELLED, Reason.SHUTDOWN.value),
-    ],
-    ids=["an error", "a cancel"],
-)
-async def test_a_job_launched_here_whose_first_step_raises_ends_there_and_gives_back_its_slot(
-    dispatcher: Dispatcher, raised: BaseException, outcome: Outcome, error: str
-) -> None:
-    async def raises(params: dict[str, Any], ctx: TaskContext) -> None:
-        raise raised
-
-    job, ended = launched_here(dispatcher, task(function("raises", raises), "raises"))
-    assert ended == [job]
-    assert (job.finished().outcome, job.finished().error) == (outcome, error)
-    assert asyncio.current_task().cancelling() == 0  # the caller was not cancelled
-    assert dispatcher.slots.state() == SlotState("ready", 0, 1, 0)
-
-
-async def test_a_job_launched_here_that_waits_goes_on_in_its_own_task_under_its_deadline(
-    dispatcher: Dispatcher,
-) -> None:
-    ran_in: list[asyncio.Task[Any] | None] = []
-
-    async def waits(params: dict[str, Any], ctx: TaskContext) -> None:
-        ran_in.append(asyncio.current_task())
-        await asyncio.Event().wait()
-        ran_in.append(asyncio.current_task())  # never: its deadline cancels it
-
-    caller = asyncio.current_task()
-    job, ended = launched_here(dispatcher, task(function("waits", waits, timeout=0.3), "waits"))
-    assert ran_in == [caller] and not ended
-    assert job.task is not None and job.task is not caller
-    result = await job.result()
-    assert (result.outcome, result.reason) == (Outcome.TIMED_OUT, Reason.TIMEOUT)
-    assert ended == [job] and ran_in == [caller]
-    assert caller is not None and caller.cancelling() == 0  # its deadline was the job's own task's
-    assert dispatcher.slots.state() == SlotState("ready", 0, 1, 0)
-
-
-async def test_a_job_launched_here_and_cancelled_before_its_task_went_on_closes_its_call(
-    dispatcher: Dispatcher,
-) -> None:
-    closed: list[str] = []
-
-    async def tidy(params: dict[str, Any], ctx: TaskContext) -> None:
-        try:
-            await asyncio.Event().wait()
-        finally:
-            closed.append("finally ran")
-
-    with capture_logs() as logged:
-        job, ended = launched_here(dispatcher, task(function("tidy", tidy), "tidy"))
-        dispatcher.cancel_all(Reason.SHUTDOWN)  # before the job's own task took a step
-        await dispatcher.wait_done()
-    assert ended == [job]
-    assert (job.finished().outcome, job.finished().reason) == (Outcome.CANCELLED, Reason.SHUTDOWN)
-    assert closed == ["finally ran"]
-    assert summaries(logged)["tidy"]["error"] == Reason.SHUTDOWN.value
-    assert dispatcher.slots.state() == SlotState("ready", 0, 1, 0)
-
-
-async def test_a_job_launched_here_that_runs_in_a_thread_or_may_retry_goes_on_in_a_task(
-    runner: Runner,
-) -> None:
-    dispatcher = Dispatcher(SlotManager(limit=2, max_queue=10), runner)
-    calls: list[int] = []
-
-    def in_thread(params: dict[str, Any], ctx: TaskContext) -> str:
-        return threading.current_thread().name
-
-    async def flaky(params: dict[str, Any], ctx: TaskContext) -> int:
-        calls.append(1)
-        if len(calls) < 2:
-            raise RuntimeError("not yet")
-        return len(calls)
-
-    retried = FunctionSpec("flaky", flaky, "async", {}, compile_params("flaky", {}), max_retries=1)
-    threaded, _ = launched_here(dispatcher, task(function("t", in_thread, kind="thread"), "t"))
-    again, _ = launched_here(dispatcher, task(retried, "r"))
-    assert threaded.task is not None and again.task is not None
-    assert not calls  # a function that may be tried again is not called here
-    assert (await threaded.result()).value.startswith("function")
-    assert ((await again.result()).value, (await again.result()).outcome) == (2, Outcome.SUCCEEDED)
-    assert dispatcher.slots.state() == SlotState("ready", 0, 2, 0)
-
-
-async def test_a_queued_job_launched_here_waits_for_its_slot_like_any_other(
-    dispatcher: Dispatcher,
-) -> None:
-    holder = Gate()
-    dispatcher.submit(gated(holder, "holder"))
-    await holder.started.wait()
-    job, ended = launched_here(dispatcher, task(function("succeeds", succeeds), "queued"))
-    assert job.task is None and not ended and dispatcher.slots.state().queue == 1
-    holder.open.set()
-    assert (await job.result()).outcome is Outcome.SUCCEEDED
-    assert job.task is not None and ended == [job]
 
 
 # --- a client that goes ---------------------------------------------------------------------------

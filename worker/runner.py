@@ -33,15 +33,6 @@ class RunResult(NamedTuple):
     failure: BaseException | None = None  # what the function raised, for the log's traceback
 
 
-class Begun(NamedTuple):
-    """A coroutine function's call whose first step ran in the caller's task (`Runner.begin`)
-    and now waits on `waiting_on`; its deadline counts from `began` (time.monotonic)."""
-
-    call: Coroutine[Any, Any, Any]
-    waiting_on: Any
-    began: float
-
-
 class Deadline:
     """One call's timeout: when it passes, the task running the call is cancelled."""
 
@@ -163,19 +154,6 @@ def _rest_of(call: Coroutine[Any, Any, Any], waiting_on: Any) -> Generator[Any, 
                 return done.value
 
 
-def _first_step(spec: FunctionSpec, params: dict[str, Any], ctx: TaskContext) -> RunResult | Begun:
-    """Call a coroutine function and run it to its first wait: how it ended, or the call begun."""
-    began = time.monotonic()
-    try:
-        call = spec.handler(params, ctx)
-        waiting_on = call.send(None)
-    except StopIteration as done:
-        return RunResult(SUCCEEDED, done.value)  # positional: half the cost
-    except Exception as exc:
-        return RunResult(FAILED, error=_error_text(exc), failure=exc)
-    return Begun(call, waiting_on, began)
-
-
 def _error_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
@@ -206,33 +184,14 @@ class Runner(Part):
         self._threads.shutdown(wait=False, cancel_futures=True)
         self._deadlines.close()
 
-    def begin(
-        self, spec: FunctionSpec, params: dict[str, Any], ctx: TaskContext
-    ) -> RunResult | Begun | None:
-        """The first step of a coroutine function's only attempt, here, in the caller's task:
-        how the call ended if it did not wait, else the call begun, which `run` goes on with
-        in the task that is to be cancelled at its deadline. None, and nothing called, for a
-        function that runs in a thread, yields chunks or may be tried again."""
-        if spec.kind != "async" or spec.max_retries:
-            return None
-        return _first_step(spec, params, ctx)
-
-    async def run(
-        self,
-        spec: FunctionSpec,
-        params: dict[str, Any],
-        ctx: TaskContext,
-        begun: Begun | None = None,
-    ) -> RunResult:
-        """Call `spec` up to 1 + max_retries times while it raises (its first attempt goes on
-        from `begun` when given); never raises itself except CancelledError, which the caller
-        turns into a cancelled outcome."""
+    async def run(self, spec: FunctionSpec, params: dict[str, Any], ctx: TaskContext) -> RunResult:
+        """Call `spec` up to 1 + max_retries times while it raises; never raises itself
+        except CancelledError, which the caller turns into a cancelled outcome."""
         timeout = spec.timeout if spec.timeout is not None else self.default_timeout
         attempt = 0
         while True:
             attempt += 1
-            result = await self._attempt(spec, params, ctx, timeout, begun)
-            begun = None
+            result = await self._attempt(spec, params, ctx, timeout)
             if result.outcome is not FAILED or attempt > spec.max_retries or _output_began(ctx):
                 if attempt == 1:  # attempts is 1 already: no copy of the result
                     return result
@@ -248,29 +207,28 @@ class Runner(Part):
             ctx.log.warning("attempt failed, retrying", attempt=attempt, error=result.error)
 
     async def _attempt(
-        self,
-        spec: FunctionSpec,
-        params: dict[str, Any],
-        ctx: TaskContext,
-        seconds: float,
-        begun: Begun | None,
+        self, spec: FunctionSpec, params: dict[str, Any], ctx: TaskContext, seconds: float
     ) -> RunResult:
         thread: concurrent.futures.Future[Any] | None = None
-        if begun is None and spec.kind == "async":
+        began = time.monotonic()
+        call: Coroutine[Any, Any, Any] | None = None
+        if spec.kind == "async":
             # Its first step runs here, before any timer: a call that ends without awaiting
             # anything (many do little) needs no deadline, and one that waits gets its
             # deadline counted from `began`, as a timer set before the call would be.
-            first = _first_step(spec, params, ctx)
-            if isinstance(first, RunResult):
-                return first
-            begun = first
-        began = begun.began if begun is not None else time.monotonic()
+            try:
+                call = spec.handler(params, ctx)
+                waiting_on = call.send(None)
+            except StopIteration as done:
+                return RunResult(SUCCEEDED, done.value)  # positional: half the cost
+            except Exception as exc:
+                return RunResult(FAILED, error=_error_text(exc), failure=exc)
         task = asyncio.current_task()  # asked only now: on 3.11 it costs a getpid() call
         assert task is not None
         deadline = self._deadlines.start(seconds, task, began)
         try:
-            if begun is not None:
-                value = await _rest_of(begun.call, begun.waiting_on)
+            if call is not None:
+                value = await _rest_of(call, waiting_on)
             elif spec.kind == "thread":
                 run_in_context = contextvars.copy_context().run
                 thread = self._threads.submit(run_in_context, spec.handler, params, ctx)

@@ -1,9 +1,7 @@
 """Accepted tasks: from a place in the queue, through a slot, to a recorded outcome.
 
 Each accepted task is a job owned here. A queued job is only its place in line; given a slot it
-runs in its own asyncio task (or, in mode sync or stream with a slot free, in its request's; in
-mode webhook with a slot free, its first step runs in its request's task, and only a function
-that waits goes on in a task of its own).
+runs in its own asyncio task (or, in mode sync or stream with a slot free, in its request's).
 A client that hangs up while its sync task runs does not stop the task (a stream stops), and
 the outcome is still counted and logged. One summary line per task is written here and nowhere
 else.
@@ -29,7 +27,7 @@ from worker.context import Mode, StreamWriter, TaskContext
 from worker.functions import FunctionSpec
 from worker.outcomes import CANCELLED, FAILED, SUCCEEDED, Outcome, Reason, reason_of, verdict
 from worker.parts import Waiters
-from worker.runner import Begun, Runner, RunResult
+from worker.runner import Runner, RunResult
 from worker.slots import Admission, SlotManager
 
 _log = structlog.get_logger("worker.tasks")
@@ -85,7 +83,6 @@ class Job:
         "_waiter",
         "accepted",
         "admission",
-        "begun",
         "dispatcher",
         "on_end",
         "on_start",
@@ -116,9 +113,6 @@ class Job:
         # The task it runs in, once it has a slot: its own (`submit`), or its request's
         # (`take_here`).
         self.task: asyncio.Task[Any] | None = None
-        # A call begun in the accepting task (Dispatcher.launch, `here`), until its own task
-        # goes on with it.
-        self.begun: Begun | None = None
         self.outcome: TaskResult | None = None  # set once, when it has ended
         self.on_end: list[Callable[[Job], None]] = []  # told once it has ended
         self._waiter: asyncio.Future[None] | None = None  # only while `result()` waits
@@ -173,24 +167,6 @@ class Job:
             callback(self)
 
 
-class _GoingOn(NamedTuple):
-    """A job begun (`Dispatcher._begin`) that `_run` goes on with: its function's context, when
-    it started, and the call begun (None: nothing called yet, as for a function in a thread)."""
-
-    ctx: TaskContext
-    started: float
-    first: Begun | None
-
-
-def _cut_short(job: Job, exc: BaseException) -> RunResult:
-    """The outcome of a run that raised: cancelled (and why), or an internal error, since a
-    bug here must not leave the task without an outcome."""
-    if isinstance(exc, asyncio.CancelledError):
-        reason = job.reason if job.reason is not None else reason_of(exc)
-        return RunResult(CANCELLED, error=reason.value, reason=reason)
-    return RunResult(FAILED, error=f"internal error: {exc!r}")
-
-
 class Dispatcher:
     """Owns every accepted task until it has an outcome."""
 
@@ -234,34 +210,13 @@ class Dispatcher:
     ) -> Job:
         """Queue a task (raises Unavailable when the worker cannot take it, unless it was
         `promised` before a restart); its job starts once it has a slot."""
-        job = self.enqueue(spec, stream, on_start, promised)
-        self.launch(job)
-        return job
-
-    def enqueue(
-        self,
-        spec: TaskSpec,
-        stream: StreamWriter | None = None,
-        on_start: Callable[[], None] | None = None,
-        promised: bool = False,
-    ) -> Job:
-        """`submit`'s first half: the job holds its place in line, or its slot, and has not
-        started; `launch` starts it. Between the two its caller sets up what the job's end
-        must find (`on_end`), since a job launched `here` may end before `launch` returns."""
         job = Job(self, spec, self.slots.admit(spec.priority, promised), stream, on_start)
         self._jobs.add(job)
-        return job
-
-    def launch(self, job: Job, here: bool = False) -> None:
-        """Start a job from `enqueue` once it has its slot: now, if it has it. `here`: a
-        coroutine function with its slot now takes its first step in the calling task, and
-        ends there if it did not wait (no task of its own, a webhook accept's common case)."""
-        if not job.admission.granted:
-            job.admission.on_grant = job.start
-        elif here:
-            self._start_here(job)
-        else:
+        if job.admission.granted:
             self._start(job)
+        else:
+            job.admission.on_grant = job.start
+        return job
 
     def take_here(self, spec: TaskSpec, stream: StreamWriter | None = None) -> Job:
         """The job of a task that takes a free slot now and runs in the calling task (its
@@ -278,11 +233,7 @@ class Dispatcher:
 
     async def run_here(self, job: Job) -> TaskResult:
         """Run a job from `take_here` in the task that took it; it ends there."""
-        going_on = self._begin(job)
-        if isinstance(going_on, TaskResult):  # it did not wait: no coroutine of _run's
-            result = going_on
-        else:
-            result = await self._run(job, going_on)
+        result = await self._run(job)
         task = job.task
         if result.reason is not None and job.reason is not None and task is not None:
             task.uncancel()  # the cancel was ours (Job.cancel), and _run has answered it
@@ -302,53 +253,9 @@ class Dispatcher:
         job.task = asyncio.get_running_loop().create_task(self._run(job))
         job.task.add_done_callback(job._task_done)
 
-    def _start_here(self, job: Job) -> None:
-        """`launch` `here`: a function that ends without waiting ends in the calling task; one
-        that waits goes on in a task of its own, from where it waits."""
-        going_on = self._begin(job)
-        if isinstance(going_on, TaskResult):
-            return
-        job.begun = going_on.first
-        job.task = asyncio.get_running_loop().create_task(self._run(job, going_on))
-        job.task.add_done_callback(job._task_done)
-
-    def _begin(self, job: Job) -> TaskResult | _GoingOn:
-        """A job's start, where it is called: the outcome of a function that ended without
-        waiting (the job has ended), else where `_run` goes on from."""
-        spec = job.spec
-        job.running = True
-        started = time.monotonic()
-        try:
-            if job.on_start is not None:
-                job.on_start()
-            ctx = TaskContext(
-                spec.task_id,
-                spec.function.name,
-                spec.priority,
-                spec.mode,
-                job.stream,
-                None,
-                self.services,
-            )
-            first = self.runner.begin(spec.function, spec.params, ctx)
-        except (asyncio.CancelledError, Exception) as exc:
-            first = _cut_short(job, exc)
-        except BaseException:
-            job.admission.release()
-            raise
-        if isinstance(first, RunResult):
-            job.admission.release()
-            return self._end(job, first, started - job.accepted, time.monotonic() - started)
-        return _GoingOn(ctx, started, first)
-
     def _end_before_start(self, job: Job) -> None:
-        """A job cancelled while queued (or granted its slot but not yet begun, or begun in its
-        request's task but cancelled before its own went on): it gives back its place, or the
-        slot, and ends with the summary line _run would have written."""
-        if job.begun is not None:
-            # Nothing can wake the call any more: its `finally` blocks run now.
-            job.begun.call.close()
-            job.begun = None
+        """A job cancelled while queued (or granted its slot but not yet begun): it gives back
+        its place, or the slot, and ends with the summary line _run would have written."""
         job.admission.abandon()
         reason = job.reason if job.reason is not None else Reason.SHUTDOWN
         cancelled = RunResult(CANCELLED, error=reason.value, reason=reason)
@@ -389,24 +296,31 @@ class Dispatcher:
             job.cancel(reason)
         return len(jobs)
 
-    async def _run(self, job: Job, going_on: _GoingOn | None = None) -> TaskResult:
-        """Run a job that holds its slot, and end it; `going_on`: from where `_begin`, called
-        already, left it."""
-        if going_on is None:
-            begun = self._begin(job)
-            if isinstance(begun, TaskResult):
-                return begun
-            going_on = begun
-        else:
-            job.begun = None  # this task has the call now
+    async def _run(self, job: Job) -> TaskResult:
+        """Run a job that holds its slot, and end it."""
         spec = job.spec
         held = job.admission  # granted: the slot this job holds
-        started = going_on.started
+        job.running = True
+        started = time.monotonic()
         result: RunResult | None = None
         try:
-            result = await self.runner.run(spec.function, spec.params, going_on.ctx, going_on.first)
-        except (asyncio.CancelledError, Exception) as exc:
-            result = _cut_short(job, exc)
+            if job.on_start is not None:
+                job.on_start()
+            ctx = TaskContext(
+                spec.task_id,
+                spec.function.name,
+                spec.priority,
+                spec.mode,
+                job.stream,
+                None,
+                self.services,
+            )
+            result = await self.runner.run(spec.function, spec.params, ctx)
+        except asyncio.CancelledError as exc:
+            reason = job.reason if job.reason is not None else reason_of(exc)
+            result = RunResult(CANCELLED, error=reason.value, reason=reason)
+        except Exception as exc:  # a bug here must not leave the task without an outcome
+            result = RunResult(FAILED, error=f"internal error: {exc!r}")
         finally:
             if result is not None and result.overrun is not None:
                 held.release_when_done(result.overrun)

@@ -657,18 +657,13 @@ class WebhookMode(Part):
         return spec.task_id
 
     def _submit(self, spec: TaskSpec, promised: bool) -> None:
-        """Queue the task. One accepted now with a slot free begins at once, in its request's
-        task (`Dispatcher.launch`, `here`): a function that ends without waiting, as a no-op
-        does, needs no task of its own. One resumed at start (`promised`) waits for the loop."""
         task_id = spec.task_id
-        dispatcher = self._dispatcher
-        job = dispatcher.enqueue(
+        job = self._dispatcher.submit(
             spec, on_start=lambda: self._journal.running(task_id), promised=promised
         )
         self._jobs.add(job)
         job.on_end.append(self._jobs.discard)
         self._deliveries.follow(job)
-        dispatcher.launch(job, here=not promised)
 
     async def start(self) -> None:
         """Resume what the journal kept: queued tasks run, in their order; a task cut short

@@ -294,3 +294,15 @@ async def tracked_result(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
     value = Tracked(data="y" * 1000)
     TRACKED.append(weakref.ref(value))
     return value
+
+
+@function(params={"seconds": {"type": "number", "min": 0, "max": 60}})
+async def own_timeout(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Bounds its own wait with asyncio.timeout and a task group: both take the task the
+    function runs in as it enters them, before its first wait."""
+    try:
+        async with asyncio.timeout(0.3), asyncio.TaskGroup() as group:
+            group.create_task(asyncio.sleep(params["seconds"]))
+    except TimeoutError:
+        return {"own_timeout": "passed"}
+    return {"own_timeout": "not reached"}
