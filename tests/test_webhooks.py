@@ -259,6 +259,7 @@ class StampedReceiver:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(10)
         self.arrivals: list[int] = []
+        self.connections = 0
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -266,6 +267,7 @@ class StampedReceiver:
         with contextlib.suppress(OSError):
             while True:
                 connection, _ = self.listener.accept()
+                self.connections += 1
                 threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
 
     def _answer(self, connection: socket.socket) -> None:
@@ -273,9 +275,10 @@ class StampedReceiver:
         with connection, contextlib.suppress(OSError, AssertionError):
             while True:
                 at, head = stamped_read(connection, b"\r\n\r\n")
-                length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                assert length is not None
                 body = head.split(b"\r\n\r\n", 1)[1]
-                while len(body) < length:
+                while len(body) < int(length[1]):
                     body += connection.recv(65536)
                 self.arrivals.append(at)
                 connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
@@ -304,6 +307,7 @@ async def test_a_webhook_tasks_202_leaves_before_its_result_is_posted(
             answered.append(at)
             await wait_for(lambda: len(hook.arrivals) == count)  # noqa: B023
     hook.listener.close()
+    assert hook.connections == 1  # after the first, each delivery went on a kept-alive one
     assert [a < d for a, d in zip(answered, hook.arrivals, strict=True)] == [True] * 20
 
 
