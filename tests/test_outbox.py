@@ -229,6 +229,16 @@ def framed(chunk: bytes) -> tuple[bytes, bytes, bytes]:
     return (f"{len(chunk):x}\r\n".encode(), chunk, b"\r\n")
 
 
+def lettered(count: int) -> list[bytes]:
+    """`count` chunks of 64 KiB, each of its own letter."""
+    return [bytes([ord("a") + index]) * 65536 for index in range(count)]
+
+
+def on_the_wire(chunks: list[bytes]) -> bytes:
+    """What the client reads of `chunks` written framed."""
+    return b"".join(b"".join(framed(chunk)) for chunk in chunks)
+
+
 @contextlib.asynccontextmanager
 async def streaming(
     monkeypatch: pytest.MonkeyPatch,
@@ -245,11 +255,11 @@ async def test_a_streaming_connection_gathers_its_chunks_into_one_write_a_turn(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async with streaming(monkeypatch) as (kept, out, client):
-        chunks = [bytes([ord("a") + index]) * 65536 for index in range(3)]
+        chunks = lettered(3)
         for chunk in chunks:
             kept.writelines(framed(chunk))
         assert out.pieces == [] and out.writes == []  # still this turn: all three wait
-        expected = b"".join(b"".join(framed(chunk)) for chunk in chunks)
+        expected = on_the_wire(chunks)
         assert await read_exactly(client, len(expected)) == expected
         # One write, of the pieces as they were handed over: no chunk was copied.
         assert len(out.pieces) == 1
@@ -306,14 +316,14 @@ def test_gathered_chunks_leave_whole_and_in_order_through_uvloops_writev(
     """The event loop the daemon runs on: gathered chunks, past the bound and at the end of the
     turn, arrive whole and in order."""
     monkeypatch.setattr(http_writer, "SKIP_WRITELINES", False)
-    chunks = [bytes([ord("a") + index]) * 65536 for index in range(6)]
+    chunks = lettered(6)
 
     async def gathered(kept: KeptTransport, client: socket.socket) -> None:
         kept.gather(True)
         assert kept.gathering
         for chunk in chunks:
             kept.writelines(framed(chunk))
-        expected = b"".join(b"".join(framed(chunk)) for chunk in chunks)
+        expected = on_the_wire(chunks)
         assert await read_exactly(client, len(expected)) == expected
 
     on_uvloop(gathered)
