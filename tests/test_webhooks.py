@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import structlog
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import AUTH, LB_KEY, Worker, task, wait_for
+from tests.conftest import AUTH, LB_KEY, Running, Worker, task, wait_for
 from worker import __version__
 from worker.giveway import GiveWay
 
@@ -183,6 +183,13 @@ async def test_a_400_is_not_retried_and_failures_are_delivered_as_errors(
     assert runtime.deliveries.failed == 1
 
 
+async def serves_on(client: TestClient[Any, Any], runtime: Running) -> None:
+    """The connection that carried a task answers the next one, and no slot is left held."""
+    async with client.post("/task", json=task("hello"), headers=AUTH) as resp:
+        assert resp.status == 200
+    assert runtime.slots.state().used == 0
+
+
 async def test_a_webhook_task_that_waits_past_its_timeout_times_out_and_its_connection_goes_on(
     worker_app: StartWorker, receiver: Start
 ) -> None:
@@ -200,9 +207,7 @@ async def test_a_webhook_task_that_waits_past_its_timeout_times_out_and_its_conn
         "success": False,
         "error": "Function timed out after 0.3s",
     }
-    async with client.post("/task", json=task("hello"), headers=AUTH) as resp:
-        assert resp.status == 200  # the connection that carried the webhook task serves on
-    assert runtime.slots.state().used == 0
+    await serves_on(client, runtime)
 
 
 @pytest.mark.parametrize("mode", ["sync", "webhook"])
@@ -215,18 +220,15 @@ async def test_a_function_that_bounds_its_own_wait_is_cut_short_by_its_own_timeo
     own (tried in issue 14's fifteenth pass: this test failed)."""
     hook = await receiver([])
     client, runtime = await worker_app(webhook=webhook_config())
-    body = task("own_timeout", mode=mode, input={"seconds": 5}, webhook={"url": hook.url})
-    if mode == "sync":
-        del body["webhook"]
+    target = {"webhook": {"url": hook.url}} if mode == "webhook" else {}
+    body = task("own_timeout", mode=mode, input={"seconds": 5}, **target)
     async with client.post("/task", json=body, headers=AUTH) as resp:
         answer = await resp.json()
     if mode == "webhook":
         await wait_for(lambda: len(hook.calls) == 1)
         answer = json.loads(hook.calls[0].body)
     assert answer["result"] == {"own_timeout": "passed"}
-    async with client.post("/task", json=task("hello"), headers=AUTH) as resp:
-        assert resp.status == 200  # the connection that carried it serves on
-    assert runtime.slots.state().used == 0
+    await serves_on(client, runtime)
 
 
 # Linux's SO_TIMESTAMPNS (asm-generic; not in Python's socket module): each read carries the
